@@ -1,0 +1,60 @@
+"""LayerNorm over one axis, with its reductions named so a sharded axis can complete them.
+
+    LN(u) = (u - mean(u)) / sqrt(var(u) + eps) * scale + bias,  population variance over `axis`
+
+Forward makes two reductions over the normalised axis, backward two more (llm.c's
+`layernorm_backward`); each is a local partial sum passed through `allreduce`, which is the
+identity for an unsharded axis and a sum over the `channel` group in `jigsaw.layernorm`.
+`count` is the *global* length of the axis: every division uses it, never the local length.
+
+    forward:   S1 = sum(u)                  mean = S1 / n
+               S2 = sum((u - mean)^2)       var  = S2 / n          (two-pass: no cancellation)
+    backward:  g = dy * scale,  R1 = sum(g),  R2 = sum(g * xhat)   (packed into one message)
+               du = rstd * (g - R1 / n - xhat * R2 / n)
+"""
+from __future__ import annotations
+
+from weathermixer.autograd.xp import get_array_module
+
+EPS = 1e-5
+
+
+def _identity(x):
+    return x
+
+
+def _along(v, ndim: int, axis: int):
+    """A 1-D parameter shaped to broadcast along `axis` of an ndim-array."""
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
+                      allreduce=_identity):
+    """Returns (out, cache); u [..., C, ...] normalised over `axis`, scale/bias [C]."""
+    xp = get_array_module(u)
+    axis = axis % u.ndim
+    n = u.shape[axis] if count is None else count
+    mean = allreduce(u.sum(axis=axis, keepdims=True)) / n  # reduction S1; [.., 1, ..]
+    d = u - mean
+    var = allreduce((d * d).sum(axis=axis, keepdims=True)) / n  # reduction S2
+    rstd = 1.0 / xp.sqrt(var + EPS)  # [.., 1, ..]
+    xhat = d * rstd  # like u
+    out = xhat * _along(scale, u.ndim, axis) + _along(bias, u.ndim, axis)
+    return out, (xhat, rstd, scale, axis, n, allreduce)
+
+
+def layernorm_backward(dout, cache):
+    """Gradients (du, dscale, dbias). dscale and dbias are sums over this rank's rows only."""
+    xhat, rstd, scale, axis, n, allreduce = cache
+    xp = get_array_module(dout)
+    others = tuple(a for a in range(dout.ndim) if a != axis)
+    g = dout * _along(scale, dout.ndim, axis)
+    r = xp.stack([g.sum(axis=axis, keepdims=True),  # reduction R1
+                  (g * xhat).sum(axis=axis, keepdims=True)])  # reduction R2; [2, .., 1, ..]
+    r1, r2 = allreduce(r)
+    du = rstd * (g - r1 / n - xhat * (r2 / n))
+    dscale = (dout * xhat).sum(axis=others)  # [C]
+    dbias = dout.sum(axis=others)  # [C]
+    return du, dscale, dbias

@@ -1,0 +1,59 @@
+"""numpy / CuPy dispatch: the only module of the package that imports cupy.
+
+Every function that allocates starts with `xp = get_array_module(x)`, so one code path
+serves host (numpy) and device (CuPy) arrays. Host transfers go through `to_host`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # CuPy is optional: the package runs on numpy alone.
+    import cupy as _cupy
+except Exception:  # ImportError, or a CuPy without a usable CUDA runtime
+    _cupy = None
+
+
+def cupy_available() -> bool:
+    """True where CuPy imports and sees at least one GPU."""
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, whichever owns the arrays (numpy for host arrays and scalars)."""
+    if _cupy is not None:
+        return _cupy.get_array_module(*arrays)
+    return np
+
+
+def is_device_array(x) -> bool:
+    return _cupy is not None and isinstance(x, _cupy.ndarray)
+
+
+def to_host(x) -> np.ndarray:
+    """The one device-to-host copy of the package (a no-op for numpy arrays)."""
+    if is_device_array(x):
+        return _cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+def module(name: str):
+    """The array module called `name` ("numpy" or "cupy")."""
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        if not cupy_available():
+            raise RuntimeError("device 'cupy' was asked for, but CuPy or a GPU is not available")
+        return _cupy
+    raise ValueError(f"unknown array module {name!r} (use 'numpy' or 'cupy')")
+
+
+def to_module(x, xp):
+    """`x` as an array of module `xp` (host to device, device to host, or unchanged)."""
+    if xp is np:
+        return to_host(x)
+    return xp.asarray(x)

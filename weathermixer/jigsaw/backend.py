@@ -1,0 +1,191 @@
+"""Collectives on one process group: the only place where bytes leave a process.
+
+`Group` is the interface the operators of `ops.py` call. Two implementations:
+
+- `LocalGroup`: a group of one rank. Every collective returns its input unchanged, so the
+  serial model runs through exactly the parallel code at no cost.
+- `MPIGroup`: mpi4py over an MPI communicator, with upper-case (buffer) methods only, so no
+  object is ever pickled. CuPy arrays are staged through host memory (after the stream is
+  synchronised by the copy) because the usual MPI builds are not CUDA-aware and crash when
+  handed device pointers.
+
+Every collective takes `tag`, the name of the operator that calls it, and records the bytes
+this rank sends and the seconds it waits in `COMM_LOG` (for `weathermixer bench`).
+Sizes along the gathered or scattered axis are passed in (from a `Partition`): shapes never
+travel on the wire.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import time
+
+import numpy as np
+
+from weathermixer.autograd.xp import get_array_module, to_host, to_module
+
+
+class CommLog:
+    """Per-operator counters of calls, bytes sent by this rank and seconds spent."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.calls = collections.Counter()
+        self.bytes_sent = collections.Counter()
+        self.seconds = collections.Counter()
+
+    def record(self, tag: str, nbytes: float, seconds: float):
+        self.calls[tag] += 1
+        self.bytes_sent[tag] += int(nbytes)
+        self.seconds[tag] += seconds
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+COMM_LOG = CommLog()
+
+
+class LocalGroup:
+    """A group of one rank: every collective is the identity."""
+    size = 1
+    rank = 0
+
+    def __init__(self, name: str = "local"):
+        self.name = name
+
+    def allreduce(self, x, op: str = "sum", tag: str = "allreduce"):
+        return x
+
+    def allgather(self, x, axis: int, sizes, tag: str = "allgather"):
+        return x
+
+    def reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
+        return x
+
+    def bcast(self, x, root: int = 0, tag: str = "bcast"):
+        return x
+
+    def gather(self, x, root: int = 0, tag: str = "gather"):
+        return [x]
+
+    def agree(self, flag: bool, op: str = "min") -> bool:
+        return bool(flag)
+
+    def bcast_json(self, obj=None, root: int = 0):
+        return json.loads(json.dumps(obj))
+
+    def barrier(self):
+        pass
+
+
+_MPI_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+class MPIGroup:
+    """A group over an mpi4py communicator (host buffers; CuPy staged through the host)."""
+
+    def __init__(self, comm, name: str):
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = comm
+        self.name = name
+        self.size = comm.Get_size()
+        self.rank = comm.Get_rank()
+
+    # -- helpers -------------------------------------------------------------------------
+    def _op(self, op: str):
+        return getattr(self.MPI, _MPI_OPS[op])
+
+    @staticmethod
+    def _host(x) -> np.ndarray:
+        return np.ascontiguousarray(to_host(x))
+
+    # -- collectives ---------------------------------------------------------------------
+    def allreduce(self, x, op: str = "sum", tag: str = "allreduce"):
+        if self.size == 1:
+            return x
+        xp, t0 = get_array_module(x), time.perf_counter()
+        send = self._host(x)
+        recv = np.empty_like(send)
+        self.comm.Allreduce(send, recv, op=self._op(op))
+        out = to_module(recv, xp)
+        COMM_LOG.record(tag, 2 * send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
+        return out
+
+    def allgather(self, x, axis: int, sizes, tag: str = "allgather"):
+        """Concatenate the members' blocks along `axis`, in group-rank order."""
+        if self.size == 1:
+            return x
+        xp, t0 = get_array_module(x), time.perf_counter()
+        send = self._host(np.moveaxis(to_host(x), axis, 0))  # [sizes[rank], ...rest]
+        rest = send.shape[1:]
+        inner = int(np.prod(rest, dtype=np.int64))
+        recv = np.empty((sum(sizes),) + rest, dtype=send.dtype)  # [sum(sizes), ...rest]
+        self.comm.Allgatherv(send, [recv, [s * inner for s in sizes]])
+        out = to_module(np.moveaxis(recv, 0, axis), xp)
+        COMM_LOG.record(tag, send.nbytes * (self.size - 1), time.perf_counter() - t0)
+        return out
+
+    def reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
+        """Sum the members' arrays and keep this rank's part (sizes[rank]) along `axis`."""
+        if self.size == 1:
+            return x
+        xp, t0 = get_array_module(x), time.perf_counter()
+        send = self._host(np.moveaxis(to_host(x), axis, 0))  # [sum(sizes), ...rest]
+        rest = send.shape[1:]
+        inner = int(np.prod(rest, dtype=np.int64))
+        recv = np.empty((sizes[self.rank],) + rest, dtype=send.dtype)
+        self.comm.Reduce_scatter(send, recv, recvcounts=[s * inner for s in sizes],
+                                 op=self.MPI.SUM)
+        out = to_module(np.moveaxis(recv, 0, axis), xp)
+        COMM_LOG.record(tag, send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
+        return out
+
+    def bcast(self, x, root: int = 0, tag: str = "bcast"):
+        if self.size == 1:
+            return x
+        xp = get_array_module(x)
+        buf = self._host(x)
+        self.comm.Bcast(buf, root=root)
+        return to_module(buf, xp)
+
+    def gather(self, x, root: int = 0, tag: str = "gather"):
+        """Every member's array (shapes may differ) as a list on `root`, None elsewhere."""
+        send = self._host(x)
+        dims = np.array(send.shape, dtype=np.int64)
+        ndim = len(dims)
+        all_dims = np.empty((self.size, ndim), dtype=np.int64)
+        self.comm.Allgather(dims, all_dims)
+        counts = [int(np.prod(d)) for d in all_dims]
+        recv = np.empty(sum(counts), dtype=send.dtype) if self.rank == root else None
+        self.comm.Gatherv(send.ravel(), [recv, counts] if self.rank == root else None, root=root)
+        if self.rank != root:
+            return None
+        out, o = [], 0
+        for d, c in zip(all_dims, counts):
+            out.append(recv[o:o + c].reshape(tuple(d)))
+            o += c
+        return out
+
+    def agree(self, flag: bool, op: str = "min") -> bool:
+        """A collective decision: MIN (all agree) or MAX (any) of a flag over the group."""
+        buf = np.array([1 if flag else 0], dtype=np.int32)
+        out = np.empty_like(buf)
+        self.comm.Allreduce(buf, out, op=self._op(op))
+        return bool(out[0])
+
+    def bcast_json(self, obj=None, root: int = 0):
+        """Broadcast a JSON-serialisable object from `root` (no pickle)."""
+        data = json.dumps(obj).encode() if self.rank == root else b""
+        n = np.array([len(data)], dtype=np.int64)
+        self.comm.Bcast(n, root=root)
+        buf = np.frombuffer(data, dtype=np.uint8).copy() if self.rank == root else np.empty(int(n[0]), np.uint8)
+        self.comm.Bcast(buf, root=root)
+        return json.loads(buf.tobytes().decode())
+
+    def barrier(self):
+        self.comm.Barrier()

@@ -1,0 +1,110 @@
+"""The distributed GEMMs of Jigsaw on a Pd x Pc grid (JIGSAW.md sections 3 and 10).
+
+A `Frame` says which grid group cuts the rows of the activation and which cuts its columns.
+In the `STANDARD` frame rows are tokens (or pixels), cut over `domain`, and columns are
+channels, cut over `channel`. Token mixing runs in the `TRANSPOSED` frame on the transposed
+view of the activation [channels, tokens], so the roles of the two groups swap and JIGSAW.md's
+token-mixing transpose becomes a local view (its "optional relabelling").
+
+With r the rank's coordinate in `frame.rows` and c its coordinate in `frame.cols`:
+
+    xwt   Y = X W^T   X [.., R_r, K_c]  W [N_r, K_c]  ->  Y [.., R_r, N_c]
+          W panel gathered over rows, local GEMM, partial sums reduce-scattered over cols
+    xw    Y = X W     X [.., R_r, A_c]  W [A_r, B_c]  ->  Y [.., R_r, B_c]
+          X gathered over cols, W gathered over rows, local GEMM
+    xtw   Y = X^T W   X [.., R_r, A_c]  W [.., R_r, B_c] -> Y [A_r, B_c]   (batch summed too)
+          X gathered over cols, local GEMM, partial sums reduce-scattered over rows
+
+        K_0   K_1        X [T, K], STANDARD frame on a 2 x 2 grid:
+  T_0 | r0  | r1  |      T over `domain`, K over `channel`; rank (i, j) = 2i + j
+  T_1 | r2  | r3  |      local block [T_loc, K_loc]
+
+Backward passes are two more of these kernels (JIGSAW.md section 3):
+
+    forward          dX                 dW
+    xwt(X, W)        xw(dY, W)          xtw(dY, X)
+    xw(X, W)         xwt(dY, W)         xtw(X, dY)
+    xtw(X, W)        xwt(W, dY)         xw(X, dY)
+
+On a 2 x 2 grid xwt is the balanced pairwise schedule of JIGSAW.md section 8: one W block
+from the column partner, two local GEMMs, one partial product each way with the row partner.
+Partitions: `w_rows` cuts W's rows over `frame.rows`, `out_cols` cuts Y's columns over
+`frame.cols` (both contiguous). The leading axes of X (the batch) ride along.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from weathermixer.autograd.linear import _contract_leading, linear_forward
+from weathermixer.jigsaw import ops
+from weathermixer.jigsaw.shard import Partition
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    rows: str  # group that cuts the rows of X (and of W in xwt)
+    cols: str  # group that cuts the columns of X and of the output
+
+
+STANDARD = Frame(rows="domain", cols="channel")
+TRANSPOSED = Frame(rows="channel", cols="domain")
+
+
+def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition):
+    """Y = X W^T: X [.., R_r, K_c], W [N_r, K_c] -> (Y [.., R_r, N_c], cache)."""
+    rows, cols = grid.group(frame.rows), grid.group(frame.cols)
+    wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
+    partial, _ = linear_forward(x, wg)  # [.., R_r, N], partial over the K parts
+    y = ops.scatter_sum(partial, cols, -1, out_cols, tag="xwt.scatter_y")  # [.., R_r, N_c]
+    return y, (x, w, grid, frame, w_rows, out_cols)
+
+
+def xwt_backward(dy, cache):
+    """(dX [.., R_r, K_c], dW [N_r, K_c]) = (xw(dY, W), xtw(dY, X)), sharing one gather of dY.
+
+    The W panel is gathered again rather than cached: one more exchange instead of holding a
+    gathered panel per layer between forward and backward.
+    """
+    x, w, grid, frame, w_rows, out_cols = cache
+    rows, cols = grid.group(frame.rows), grid.group(frame.cols)
+    dyg = ops.scatter_sum_adjoint(dy, cols, -1, out_cols, tag="xwt.gather_dy")  # [.., R_r, N]
+    wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
+    dx = dyg @ wg  # [.., R_r, K_c]
+    dwg = _contract_leading(dyg, x, tuple(range(x.ndim - 1)))  # [N, K_c], partial over R parts
+    dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
+    return dx, dw
+
+
+def xw_forward(x, w, grid, frame: Frame, a_x: Partition, a_w: Partition):
+    """Y = X W: X [.., R_r, A_c], W [A_r, B_c] -> (Y [.., R_r, B_c], cache).
+    `a_x` cuts A over `frame.cols` (in X), `a_w` cuts A over `frame.rows` (in W)."""
+    rows, cols = grid.group(frame.rows), grid.group(frame.cols)
+    xg = ops.gather(x, cols, -1, a_x, tag="xw.gather_x")  # [.., R_r, A]
+    wg = ops.gather(w, rows, 0, a_w, tag="xw.gather_w")  # [A, B_c]
+    return xg @ wg, (x, w, grid, frame, a_x, a_w)
+
+
+def xw_backward(dy, cache):
+    """(dX, dW) = (xwt(dY, W), xtw(X, dY))."""
+    x, w, grid, frame, a_x, a_w = cache
+    dx, _ = xwt_forward(dy, w, grid, frame, a_w, a_x)
+    dw, _ = xtw_forward(x, dy, grid, frame, a_x, a_w)
+    return dx, dw
+
+
+def xtw_forward(x, w, grid, frame: Frame, a_x: Partition, a_out: Partition):
+    """Y = X^T W: X [.., R_r, A_c], W [.., R_r, B_c] -> (Y [A_r, B_c], cache), summed over
+    the leading axes. `a_x` cuts A over `frame.cols`, `a_out` cuts A over `frame.rows`."""
+    rows, cols = grid.group(frame.rows), grid.group(frame.cols)
+    xg = ops.gather(x, cols, -1, a_x, tag="xtw.gather_x")  # [.., R_r, A]
+    partial = _contract_leading(xg, w, tuple(range(w.ndim - 1)))  # [A, B_c], partial over R
+    y = ops.scatter_sum(partial, rows, 0, a_out, tag="xtw.scatter_y")  # [A_r, B_c]
+    return y, (x, w, grid, frame, a_x, a_out)
+
+
+def xtw_backward(dy, cache):
+    """(dX, dW) = (xwt(W, dY), xw(X, dY))."""
+    x, w, grid, frame, a_x, a_out = cache
+    dx, _ = xwt_forward(w, dy, grid, frame, a_out, a_x)
+    dw, _ = xw_forward(x, dy, grid, frame, a_x, a_out)
+    return dx, dw

@@ -1,0 +1,47 @@
+"""Communication operators as conjugate pairs: each forward sits beside its adjoint.
+
+Convention (one, used everywhere): every rank's local array is a variable of its own, and an
+inner product of distributed arrays is the sum over ranks of the local inner products. A
+value that one collective makes identical on several ranks (a gathered weight panel, the
+LayerNorm statistics) is then used by each rank for *different* outputs, so the gradient that
+reaches each copy is a per-rank partial, and the adjoint of the collective sums those
+partials. Under this convention
+
+    gather          (allgather)       <->  gather_adjoint          (reduce-scatter)
+    scatter_sum     (reduce-scatter)  <->  scatter_sum_adjoint     (allgather)
+    allreduce_sum   (allreduce)       <->  allreduce_sum           (self-adjoint)
+
+and the adjoint test <F x, y> = <x, F* y> (sums over ranks) holds for each pair
+(tests/test_jigsaw_ops.py). A group of size 1 makes every operator the identity.
+
+A `Partition` gives the part sizes along the axis, in group-rank order; parts must be
+contiguous ranges in order (`Partition.is_contiguous`), so a gather is a concatenation.
+"""
+from __future__ import annotations
+
+from weathermixer.jigsaw.shard import Partition
+
+
+def gather(x, group, axis: int, part: Partition, tag: str = "gather"):
+    """forward: allgather of the blocks along `axis` over `group`; backward: reduce-scatter."""
+    return group.allgather(x, axis, part.sizes, tag=tag)
+
+
+def gather_adjoint(dy, group, axis: int, part: Partition, tag: str = "gather_adjoint"):
+    """forward: reduce-scatter along `axis` over `group` (the adjoint of `gather`)."""
+    return group.reduce_scatter(dy, axis, part.sizes, tag=tag)
+
+
+def scatter_sum(x, group, axis: int, part: Partition, tag: str = "scatter_sum"):
+    """forward: reduce-scatter of partial sums along `axis` over `group`; backward: allgather."""
+    return group.reduce_scatter(x, axis, part.sizes, tag=tag)
+
+
+def scatter_sum_adjoint(dy, group, axis: int, part: Partition, tag: str = "scatter_sum_adjoint"):
+    """forward: allgather along `axis` over `group` (the adjoint of `scatter_sum`)."""
+    return group.allgather(dy, axis, part.sizes, tag=tag)
+
+
+def allreduce_sum(x, group, tag: str = "allreduce_sum"):
+    """forward: allreduce-sum over `group`; backward: allreduce-sum (self-adjoint)."""
+    return group.allreduce(x, "sum", tag=tag)

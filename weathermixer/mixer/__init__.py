@@ -1,0 +1,1 @@
+"""The WeatherMixer model, its optimizer and its training loop."""

@@ -1,0 +1,156 @@
+"""WeatherMixer forward and backward (SPEC.md), one code path for every layout.
+
+Legend (local sizes carry _loc; on a 1 x 1 grid they are the global ones):
+    B batch, T_loc tokens of this band, E_loc channels, Mt_loc / Mc_loc hidden units,
+    V_loc prognostic variables of this rank, C_loc = V_loc + S_loc input variables,
+    h rows of this band, W longitudes.
+
+    X  = patchify(x)                          [B, T_loc, K_loc]
+    Z0 = encoder(X)                           [B, T_loc, E_loc]
+    rollout x N mixer blocks:                 [B, T_loc, E_loc]
+        Z += token_mixing(LN(Z))   on the transposed view [B, E_loc, T_loc]
+        Z += channel_mixing(LN(Z))
+    D  = [LN(Z), Z0]                          [B, T_loc, 2E_loc]
+    R  = recovery(D)                          [B, T_loc, V_loc pl pw]
+    Y0 = unpatchify(R)                        [B, V_loc, h, W]
+    y  = head(LN_P(Y0), x[:, :V_loc])         [B, V_loc, h, W]
+
+Every linear layer is `jigsaw.matmul.xwt` plus its bias and every LayerNorm is
+`jigsaw.layernorm`: the communication lives in those two calls and in `sync_gradients`.
+Forward functions return (out, cache); backward functions take (dout, cache, grads), add
+parameter gradients into `grads` (shared weights across rollout repeats accumulate) and
+return the input gradient. Fan-outs (the residual stream, Z0 to the decoder skip, x to the
+head) add their branch gradients explicitly.
+"""
+from __future__ import annotations
+
+from weathermixer.autograd.activation import gelu_backward, gelu_forward
+from weathermixer.autograd.shape import (concat_backward, concat_forward, patchify,
+                                         patchify_backward, unpatchify, unpatchify_backward)
+from weathermixer.jigsaw import ops
+from weathermixer.jigsaw.layernorm import layernorm_backward, layernorm_forward
+from weathermixer.jigsaw.matmul import xwt_backward, xwt_forward
+
+
+def _accumulate(grads: dict, name: str, g):
+    grads[name] = grads[name] + g if name in grads else g
+
+
+def _kind(name: str) -> str:
+    """'blocks/3/token_mixing/fc1' -> 'token_mixing/fc1' (the layout's name for the layer)."""
+    return name.split("/", 2)[2] if name.startswith("blocks/") else name
+
+
+# ---- layers ------------------------------------------------------------------------------
+def dense_forward(x, params, name, layout):
+    """y = x @ W.T + b as the distributed `xwt` of `layout.dense[kind]`."""
+    d = layout.dense[_kind(name)]
+    y, cache = xwt_forward(x, params[name + "/weight"], layout.grid, d.frame, d.w_rows, d.out_cols)
+    return y + params[name + "/bias"], cache
+
+
+def dense_backward(dy, cache, grads, name):
+    dx, dw = xwt_backward(dy, cache)
+    _accumulate(grads, name + "/weight", dw)
+    _accumulate(grads, name + "/bias", dy.sum(axis=tuple(range(dy.ndim - 1))))
+    return dx
+
+
+def norm_forward(u, params, name, layout, axis, count):
+    return layernorm_forward(u, params[name + "/scale"], params[name + "/bias"],
+                             layout.grid, axis, count)
+
+
+def norm_backward(dout, cache, grads, name):
+    du, dscale, dbias = layernorm_backward(dout, cache)
+    _accumulate(grads, name + "/scale", dscale)
+    _accumulate(grads, name + "/bias", dbias)
+    return du
+
+
+# ---- one mixer block -----------------------------------------------------------------------
+def mixer_block_forward(z, params, n, layout):
+    """z [B, T_loc, E_loc] -> z [B, T_loc, E_loc] through block n."""
+    b, E = f"blocks/{n}/", layout.cfg.embed_dim
+    u, c_tn = norm_forward(z, params, b + "token_norm", layout, -1, E)
+    a1, c_t1 = dense_forward(u.swapaxes(-1, -2), params, b + "token_mixing/fc1", layout)
+    h1, c_g1 = gelu_forward(a1)  # [B, E_loc, Mt_loc]
+    o, c_t2 = dense_forward(h1, params, b + "token_mixing/fc2", layout)  # [B, E_loc, T_loc]
+    z = z + o.swapaxes(-1, -2)  # [B, T_loc, E_loc]
+    u, c_cn = norm_forward(z, params, b + "channel_norm", layout, -1, E)
+    a2, c_c1 = dense_forward(u, params, b + "channel_mixing/fc1", layout)
+    g, c_g2 = gelu_forward(a2)  # [B, T_loc, Mc_loc]
+    o2, c_c2 = dense_forward(g, params, b + "channel_mixing/fc2", layout)  # [B, T_loc, E_loc]
+    return z + o2, (n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2)
+
+
+def mixer_block_backward(dz, cache, grads):
+    n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2 = cache
+    b = f"blocks/{n}/"
+    dg = dense_backward(dz, c_c2, grads, b + "channel_mixing/fc2")
+    du = dense_backward(gelu_backward(dg, c_g2), c_c1, grads, b + "channel_mixing/fc1")
+    dz = dz + norm_backward(du, c_cn, grads, b + "channel_norm")  # residual: both branches
+    dh1 = dense_backward(dz.swapaxes(-1, -2), c_t2, grads, b + "token_mixing/fc2")
+    dut = dense_backward(gelu_backward(dh1, c_g1), c_t1, grads, b + "token_mixing/fc1")
+    return dz + norm_backward(dut.swapaxes(-1, -2), c_tn, grads, b + "token_norm")
+
+
+# ---- the whole model -------------------------------------------------------------------------
+def forward(params, x, layout, rollout: int = 1):
+    """x [B, C_loc, h, W] (this rank's tile) -> (y [B, V_loc, h, W], cache)."""
+    cfg = layout.cfg
+    pl, pw, E, P = cfg.patch_lat, cfg.patch_lon, cfg.embed_dim, cfg.n_prognostic
+    B, _, h, W = x.shape
+    nv = len(layout.prognostic_channels)
+    z0, c_enc = dense_forward(patchify(x, pl, pw), params, "encoder", layout)  # [B, T_loc, E_loc]
+    z, c_blocks = z0, []
+    for _ in range(rollout):  # latent rollout: the same blocks, k times
+        for n in range(cfg.n_blocks):
+            z, c = mixer_block_forward(z, params, n, layout)
+            c_blocks.append(c)
+    dn, c_dn = norm_forward(z, params, "decoder/norm", layout, -1, E)
+    d, c_cat = concat_forward(dn, z0, -1)  # [B, T_loc, 2 E_loc]: normed first, skip second
+    r, c_rec = dense_forward(d, params, "decoder/recovery", layout)  # [B, T_loc, V_loc pl pw]
+    y0 = unpatchify(r, pl, pw, h, W)  # [B, V_loc, h, W]
+    a, c_an = norm_forward(y0, params, "head/decoded_norm", layout, 1, P)
+    hc, c_hcat = concat_forward(a, x[:, :nv], 1)  # [B, 2 V_loc, h, W]
+    hh, c_hn = norm_forward(hc, params, "head/norm", layout, 1, 2 * P)
+    pixels = hh.reshape(B, 2 * nv, h * W).swapaxes(-1, -2)  # [B, h W, 2 V_loc]
+    yt, c_head = dense_forward(pixels, params, "head/linear", layout)  # [B, h W, V_loc]
+    y = yt.swapaxes(-1, -2).reshape(B, nv, h, W)  # [B, V_loc, h, W]
+    return y, (x.shape, c_enc, c_blocks, c_dn, c_cat, c_rec, c_an, c_hcat, c_hn, c_head, layout)
+
+
+def backward(dy, cache):
+    """Gradients (grads: dict of this rank's partial parameter gradients, dx [B, C_loc, h, W])."""
+    x_shape, c_enc, c_blocks, c_dn, c_cat, c_rec, c_an, c_hcat, c_hn, c_head, layout = cache
+    cfg, grads = layout.cfg, {}
+    pl, pw = cfg.patch_lat, cfg.patch_lon
+    B, _, h, W = x_shape
+    nv = dy.shape[1]
+    dpix = dense_backward(dy.reshape(B, nv, h * W).swapaxes(-1, -2), c_head, grads, "head/linear")
+    dhc = norm_backward(dpix.swapaxes(-1, -2).reshape(B, 2 * nv, h, W), c_hn, grads, "head/norm")
+    da, dx_head = concat_backward(dhc, c_hcat)
+    dy0 = norm_backward(da, c_an, grads, "head/decoded_norm")
+    dd = dense_backward(unpatchify_backward(dy0, pl, pw), c_rec, grads, "decoder/recovery")
+    ddn, dz0_skip = concat_backward(dd, c_cat)
+    dz = norm_backward(ddn, c_dn, grads, "decoder/norm")
+    for c in reversed(c_blocks):
+        dz = mixer_block_backward(dz, c, grads)
+    dz0 = dz + dz0_skip  # Z0 fans out to the blocks and to the decoder skip
+    dx = patchify_backward(dense_backward(dz0, c_enc, grads, "encoder"), pl, pw, h, W)
+    dx[:, :nv] += dx_head  # x fans out to the encoder and to the head
+    return grads, dx
+
+
+def sync_gradients(grads: dict, layout) -> dict:
+    """Complete every gradient: sum the partials of a replicated block over the group that
+    replicates it (`ShardSpec.replicated_over`), then sum over `data`. The loss of each replica
+    is already divided by the *global* batch, so the data sum is the mean over replicas."""
+    grid = layout.grid
+    for name, spec in layout.specs.items():
+        g = grads[name]
+        if spec.replicated_over is not None:
+            g = ops.allreduce_sum(g, grid.group(spec.replicated_over), tag="sync.replicated")
+        grads[name] = ops.allreduce_sum(g, grid.data, tag="sync.data")
+    return grads
