@@ -1,0 +1,79 @@
+"""AdamW on sharded parameters, with clipping by the true global gradient norm.
+
+Each rank updates only its own blocks; the moments m and v are cut like their parameters.
+Holders of a replicated block (`ShardSpec.replicated_over`) receive identical gradients (after
+`sync_gradients`) and so make identical updates.
+
+    g    <- g * min(1, clip / ||g||)         ||g|| over every parameter counted once
+    m    <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
+    p    <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) - lr wd p   (wd: weights only)
+
+Weight decay is decoupled (Loshchilov & Hutter) and applies to 2-D weights, not to biases or
+LayerNorm parameters.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from weathermixer.autograd.xp import get_array_module
+from weathermixer.jigsaw import ops
+
+
+def global_grad_norm(grads: dict, layout) -> float:
+    """sqrt of the sum of squares of every parameter's gradient, each element counted once:
+    a block replicated over a group is counted only by that group's member 0."""
+    grid, local = layout.grid, 0.0
+    for name, spec in layout.specs.items():
+        if spec.replicated_over is None or grid.group(spec.replicated_over).rank == 0:
+            g = grads[name].ravel()
+            local += float(get_array_module(g).vdot(g, g))
+    total = ops.allreduce_sum(np.array([local]), grid.model, tag="grad_norm")  # host scalar
+    return math.sqrt(float(total[0]))
+
+
+class AdamW:
+    """AdamW with optional global-norm clipping; `state()` / `load_state()` for checkpoints."""
+
+    def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, clip_norm: float | None = None):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.weight_decay, self.clip_norm = weight_decay, clip_norm
+        self.t = 0
+        self.m: dict = {}
+        self.v: dict = {}
+
+    def step(self, params: dict, grads: dict, layout) -> dict:
+        """Update `params` in place. Returns {"grad_norm", "clip_scale", "skipped"}; a
+        non-finite norm skips the step on every rank alike (the norm is agreed over `model`,
+        and replicas hold identical gradients)."""
+        norm = global_grad_norm(grads, layout)
+        if not math.isfinite(norm):
+            return {"grad_norm": norm, "clip_scale": 0.0, "skipped": True}
+        scale = 1.0
+        if self.clip_norm is not None and norm > self.clip_norm:
+            scale = self.clip_norm / (norm + 1e-12)
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        for name, p in params.items():
+            xp = get_array_module(p)
+            g = grads[name] * scale if scale != 1.0 else grads[name]
+            m = self.m.setdefault(name, xp.zeros_like(p))
+            v = self.v.setdefault(name, xp.zeros_like(p))
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            if self.weight_decay and p.ndim == 2:
+                p *= 1.0 - self.lr * self.weight_decay
+            p -= (self.lr / c1) * m / (xp.sqrt(v / c2) + self.eps)
+        return {"grad_norm": norm, "clip_scale": scale, "skipped": False}
+
+    def state(self) -> dict:
+        """{'m': {...}, 'v': {...}} (this rank's blocks) for a checkpoint."""
+        return {"m": self.m, "v": self.v}
+
+    def load_state(self, states: dict, t: int):
+        self.m, self.v, self.t = dict(states["m"]), dict(states["v"]), int(t)
