@@ -31,8 +31,16 @@ cli.add_command(gradcheck)
 cli.add_command(bench)
 
 
-def _under_mpi() -> bool:
+def under_mpi() -> bool:
+    """True when a launcher (mpiexec, srun) started this process."""
     return any(k in os.environ for k in _MPI_ENV)
+
+
+def _world_rank() -> int:
+    if not under_mpi():
+        return 0
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank()
 
 
 def main(argv=None):
@@ -43,6 +51,12 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
+    except click.UsageError as e:
+        # a bad request depends only on argv and the data's metadata, so every rank raised
+        # the same error before any collective: rank 0 speaks and every rank exits
+        if _world_rank() == 0:
+            e.show()
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         _abort_or_exit(e.exit_code)
@@ -59,7 +73,7 @@ def _abort_or_exit(code: int):
     """Exit; under MPI with several ranks, abort every rank of the job."""
     sys.stderr.flush()
     sys.stdout.flush()
-    if _under_mpi():
+    if under_mpi():
         from mpi4py import MPI
         if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
             MPI.COMM_WORLD.Abort(code)

@@ -1,8 +1,192 @@
-"""`weathermixer train` (being written)."""
+"""`weathermixer train`: train WeatherMixer on one rank or under mpiexec/srun with Jigsaw.
+
+    mpiexec -n N weathermixer train --jigsaw J [--data FILE.h5 ...] [size flags]
+
+N = J x D ranks: model groups of J consecutive ranks (1 = 1x1, 2 = 1x2, 4 = 2x2 domain x
+channel; `--grid DxC` for any other grid, e.g. 2x1), replicated D times for data parallelism.
+Everything that can be checked before the first step is checked on every rank alike, and a
+bad request ends the whole job with a one-line error from rank 0.
+"""
+from __future__ import annotations
+
+import os
+
 import click
+import numpy as np
+
+from weathermixer.autograd import xp as xpmod
+from weathermixer.cli.errors import JobConfigError
+from weathermixer.cli.options import config_from_options, model_options
+from weathermixer.jigsaw.grid import LAYOUTS, ProcessGrid, parse_grid
+from weathermixer.mixer.layout import Layout, LayoutError
+from weathermixer.mixer.train import TrainSettings, train as run_training
+
+# The embedded default: a small model on a learnable synthetic task (see io/synthetic.py).
+DEFAULTS = dict(n_lat=16, n_lon=32, n_prognostic=4, n_static=1, patch_lat=2, patch_lon=4,
+                embed_dim=48, token_hidden_dim=64, channel_hidden_dim=96, n_blocks=2)
+DATA_FIELDS = ("n_lat", "n_lon", "n_prognostic", "n_static")
+
+
+def grid_shape(jigsaw: int, grid: str | None) -> tuple[int, int]:
+    if grid is not None:
+        try:
+            return parse_grid(grid)
+        except ValueError as e:
+            raise JobConfigError(str(e)) from None
+    if jigsaw not in LAYOUTS:
+        raise JobConfigError(f"--jigsaw {jigsaw}: choose 1, 2 or 4 (or --grid DxC)")
+    return LAYOUTS[jigsaw]
+
+
+def world_size() -> int:
+    from weathermixer.cli.main import under_mpi
+    if not under_mpi():
+        return 1
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_size()
+
+
+def check_request(n: int, pd: int, pc: int, replicas: int | None, batch: int) -> int:
+    """D = N / (pd pc), after checking that the launch and the batch fit the request."""
+    q = pd * pc
+    if n % q:
+        raise JobConfigError(f"{n} ranks cannot form model groups of {q} ({pd}x{pc}): "
+                             f"launch a multiple of {q} ranks")
+    d = n // q
+    if replicas is not None and replicas != d:
+        raise JobConfigError(f"--replicas {replicas} x model group {q} needs {replicas * q} "
+                             f"ranks, but the launcher started {n}")
+    if batch % d:
+        raise JobConfigError(f"global --batch {batch} is not divisible by the {d} "
+                             f"data-parallel replicas")
+    return d
+
+
+def open_source(data, static, cfg_flags, config_file, n_time, seed):
+    """(source, cfg): the data source and the model Config (grid and variables from the data)."""
+    from weathermixer.io.data import DataError, Era5Source
+    from weathermixer.io.synthetic import SyntheticSource
+    if data:
+        try:
+            source = Era5Source(list(data), static=static)
+        except DataError as e:
+            raise JobConfigError(str(e)) from None
+        found = dict(n_lat=source.n_lat, n_lon=source.n_lon, n_prognostic=source.n_prognostic,
+                     n_static=source.n_static)
+        for field, value in found.items():
+            given = cfg_flags.get(field)
+            if given is not None and given != value:
+                raise JobConfigError(f"--{field.replace('_', '-')} {given} disagrees with "
+                                     f"{data[0]} ({value})")
+        cfg = config_from_options(dict(DEFAULTS, **found), config_file,
+                                  **dict(cfg_flags, **found))
+        return source, cfg
+    if static:
+        raise JobConfigError("--static names channels of a --data file; none was given")
+    cfg = config_from_options(DEFAULTS, config_file, **cfg_flags)
+    return SyntheticSource(cfg.n_lat, cfg.n_lon, cfg.n_prognostic, cfg.n_static,
+                           n_time=n_time, seed=seed), cfg
+
+
+def normalisation(source, data, out_dir, grid):
+    """Per-channel mean/std: read from <data>.stats.h5, else computed once on rank 0 and
+    stored beside the data (or in the run directory when the data folder is read-only)."""
+    from weathermixer.io.data import compute_stats, load_stats, save_stats, stats_path_for
+    mean = np.zeros(len(source.channels))
+    std = np.ones(len(source.channels))
+    if grid.is_root:
+        beside, fallback = stats_path_for(data[0]), os.path.join(out_dir, "normalization.h5")
+        found = next((p for p in (beside, fallback) if os.path.exists(p)), None)
+        if found:
+            mean, std = load_stats(found, source.channels)
+        else:
+            mean, std = compute_stats(source)
+            os.makedirs(out_dir, exist_ok=True)
+            for path in (beside, fallback):
+                try:
+                    save_stats(path, source.channels, mean, std)
+                    break
+                except OSError:
+                    continue
+    mean, std = grid.world.bcast(mean), grid.world.bcast(std)
+    source.set_stats(mean, std)
+    return {"channels": list(source.channels), "mean": mean.tolist(), "std": std.tolist()}
+
+
+def choose_device(device: str, grid):
+    """numpy, or cupy with one GPU per rank (the local rank modulo the GPUs seen)."""
+    if device == "cpu" or (device == "auto" and not xpmod.cupy_available()):
+        return np
+    xp = xpmod.module("cupy")
+    local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get(
+        "MPI_LOCALRANKID", os.environ.get("SLURM_LOCALID", grid.world.rank))))
+    xp.cuda.Device(local % xp.cuda.runtime.getDeviceCount()).use()
+    return xp
 
 
 @click.command()
-def train():
-    """Not yet implemented."""
-    raise click.ClickException("train is not implemented yet")
+@model_options
+@click.option("--data", multiple=True, type=click.Path(dir_okay=False),
+              help="HDF5 file(s) in the SPEC layout (repeat for several years); "
+                   "synthetic data when none is given")
+@click.option("--static", default="", help="comma-separated channel names that are "
+                                          "input-only (all others are prognostic)")
+@click.option("--jigsaw", "jigsaw", type=int, default=1, show_default=True,
+              help="ranks per model group: 1, 2 (1x2) or 4 (2x2)")
+@click.option("--grid", default=None, help="model group as DOMAINxCHANNEL, e.g. 2x1 (overrides --jigsaw)")
+@click.option("--replicas", type=int, default=None,
+              help="expected data-parallel replicas D (checked against the launcher)")
+@click.option("--batch", type=int, default=4, show_default=True, help="global batch")
+@click.option("--steps", type=int, default=150, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--clip", type=float, default=1.0, show_default=True,
+              help="global gradient-norm clip (0: off)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
+@click.option("--rollout", type=int, default=1, show_default=True,
+              help="K: each step draws its latent rollout k from 1..K")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
+              show_default=True)
+@click.option("--out", "out_dir", default="runs/default", show_default=True,
+              help="run directory: last.h5, metrics.jsonl")
+@click.option("--resume", type=click.Path(dir_okay=False), default=None,
+              help="checkpoint to resume from (any layout)")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True)
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--synthetic-steps", "n_time", type=int, default=96, show_default=True,
+              help="length of the synthetic series")
+def train(config, data, static, jigsaw, grid, replicas, batch, steps, lr, weight_decay, clip,
+          seed, dtype, rollout, device, out_dir, resume, checkpoint_every, log_every, n_time,
+          **size_flags):
+    """Train WeatherMixer (AdamW); the final checkpoint is OUT/last.h5."""
+    if min(batch, steps, rollout) < 1:
+        raise JobConfigError("--batch, --steps and --rollout must be at least 1")
+    pd, pc = grid_shape(jigsaw, grid)
+    n = world_size()
+    check_request(n, pd, pc, replicas, batch)
+    static_names = [s for s in static.split(",") if s]
+    source, cfg = open_source(data, static_names, size_flags, config, n_time, seed)
+    try:
+        Layout._check_splittable(cfg, pd, pc)
+    except LayoutError as e:
+        raise JobConfigError(str(e)) from None
+    pgrid = ProcessGrid.from_mpi(pd, pc) if n > 1 else ProcessGrid.serial()
+    layout = Layout(cfg, pgrid)
+    xp = choose_device(device, pgrid)
+    extra = {"data": list(data), "static": static_names}
+    if data:
+        extra["normalization"] = normalisation(source, data, out_dir, pgrid)
+    settings = TrainSettings(steps=steps, batch=batch, lr=lr, seed=seed, rollout=rollout,
+                             clip=clip or None, weight_decay=weight_decay, dtype=dtype,
+                             log_every=log_every, checkpoint_every=checkpoint_every,
+                             out_dir=out_dir)
+    if pgrid.is_root:
+        click.echo(f"weathermixer train: {cfg.n_params():,} parameters, {pgrid.describe()}, "
+                   f"{'GPU' if xp is not np else 'CPU'} {dtype}, global batch {batch}, "
+                   f"data {', '.join(data) if data else 'synthetic'}")
+    history = run_training(cfg, layout, source, settings, xp=xp, resume=resume, extra=extra)
+    if pgrid.is_root and history:
+        first, last = history[0]["loss"], history[-1]["loss"]
+        click.echo(f"loss {first:.5f} -> {last:.5f}; checkpoint {os.path.join(out_dir, 'last.h5')}")
