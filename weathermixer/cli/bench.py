@@ -1,8 +1,75 @@
-"""`weathermixer bench` (being written)."""
+"""`weathermixer bench`: what a training step costs on each rank of a layout."""
+from __future__ import annotations
+
+import json
+
 import click
+
+from weathermixer.cli.options import config_from_options, model_options
+from weathermixer.cli.train import check_request, choose_device, grid_shape, world_size
+from weathermixer.jigsaw.grid import ProcessGrid
+from weathermixer.mixer.bench import run_bench
+from weathermixer.mixer.layout import Layout, LayoutError
+from weathermixer.cli.errors import JobConfigError
+
+# a mid-size default: 32 x 64 grid, patch 1 x 4, E = 256, Mt = 256, Mc = 512, 3 blocks
+DEFAULTS = dict(n_lat=32, n_lon=64, n_prognostic=5, n_static=1, patch_lat=1, patch_lon=4,
+                embed_dim=256, token_hidden_dim=256, channel_hidden_dim=512, n_blocks=3)
 
 
 @click.command()
-def bench():
-    """Not yet implemented."""
-    raise click.ClickException("bench is not implemented yet")
+@model_options
+@click.option("--jigsaw", type=int, default=1, show_default=True, help="1, 2 or 4")
+@click.option("--grid", default=None, help="DOMAINxCHANNEL (overrides --jigsaw)")
+@click.option("--batch", type=int, default=4, show_default=True, help="global batch")
+@click.option("--steps", type=int, default=5, show_default=True, help="timed steps")
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--rollout", type=int, default=1, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
+              show_default=True)
+@click.option("--json", "json_path", default=None, help="also write the rows as JSON here")
+def bench(config, jigsaw, grid, batch, steps, warmup, rollout, dtype, device, json_path,
+          **size_flags):
+    """Per rank: parameter bytes held, bytes sent per step by each operator, compute and
+    communication time per step."""
+    pd, pc = grid_shape(jigsaw, grid)
+    n = world_size()
+    check_request(n, pd, pc, None, batch)
+    cfg = config_from_options(DEFAULTS, config, **size_flags)
+    try:
+        Layout._check_splittable(cfg, pd, pc)
+    except LayoutError as e:
+        raise JobConfigError(str(e)) from None
+    pgrid = ProcessGrid.from_mpi(pd, pc) if n > 1 else ProcessGrid.serial()
+    layout = Layout(cfg, pgrid)
+    xp = choose_device(device, pgrid)
+    row = run_bench(cfg, layout, batch, steps, warmup, dtype, xp=xp, rollout=rollout)
+    rows = pgrid.world.gather_json(row)
+    if pgrid.is_root:
+        click.echo(f"{cfg.n_params():,} parameters; {pgrid.describe()}; global batch {batch}; "
+                   f"{dtype}; median of {steps} steps")
+        click.echo(format_table(rows))
+        if json_path:
+            with open(json_path, "w") as fh:
+                json.dump({"config": cfg.to_dict(), "rows": rows}, fh, indent=2)
+
+
+def format_table(rows) -> str:
+    ops = sorted({op for r in rows for op in r["bytes_sent_per_step"]})
+    head = (f"{'rank':>4} {'grid':>5} {'params MB':>10} {'of 1-way':>8} {'ms/step':>9} "
+            f"{'comm ms':>8} {'compute ms':>10} {'TFLOP/s':>8}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['rank']:>4} {r['grid']:>5} {r['param_bytes'] / 1e6:>10.2f} "
+                     f"{r['param_fraction']:>8.3f} {1e3 * r['seconds_per_step']:>9.2f} "
+                     f"{1e3 * r['comm_seconds_per_step']:>8.2f} "
+                     f"{1e3 * r['compute_seconds_per_step']:>10.2f} {r['tflops_per_rank']:>8.3f}")
+    if ops:
+        lines.append("bytes sent per step (MB) by operator:")
+        lines.append(f"{'rank':>4} " + " ".join(f"{op:>20}" for op in ops))
+        for r in rows:
+            lines.append(f"{r['rank']:>4} " + " ".join(
+                f"{r['bytes_sent_per_step'].get(op, 0) / 1e6:>20.3f}" for op in ops))
+    return "\n".join(lines)

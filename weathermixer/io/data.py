@@ -228,7 +228,10 @@ def _item(seq, i):
 
 def _open_meta(path: str, index: int) -> tuple[h5py.File, dict]:
     """Open one file and check its own layout; returns the handle and its metadata."""
-    fh = h5py.File(path, "r")
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as e:  # missing, unreadable, or not HDF5
+        raise DataError(f"{path}: cannot open as HDF5 (file index {index}): {e}") from None
     try:
         for key in REQUIRED:
             if key not in fh:

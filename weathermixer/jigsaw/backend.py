@@ -75,6 +75,9 @@ class LocalGroup:
     def agree(self, flag: bool, op: str = "min") -> bool:
         return bool(flag)
 
+    def gather_json(self, obj, root: int = 0):
+        return [json.loads(json.dumps(obj))]
+
     def bcast_json(self, obj=None, root: int = 0):
         return json.loads(json.dumps(obj))
 
@@ -186,6 +189,12 @@ class MPIGroup:
         buf = np.frombuffer(data, dtype=np.uint8).copy() if self.rank == root else np.empty(int(n[0]), np.uint8)
         self.comm.Bcast(buf, root=root)
         return json.loads(buf.tobytes().decode())
+
+    def gather_json(self, obj, root: int = 0):
+        """Every member's JSON-serialisable object, as a list on `root` (None elsewhere)."""
+        data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+        blocks = self.gather(data, root=root, tag="gather_json")
+        return None if blocks is None else [json.loads(b.tobytes().decode()) for b in blocks]
 
     def barrier(self):
         self.comm.Barrier()

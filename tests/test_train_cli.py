@@ -1,0 +1,115 @@
+"""`weathermixer train` end to end: learning, resuming, layouts, validation, failure.
+
+The multi-rank runs use the launcher of tests/test_mpi.py (mpiexec with a wall-clock limit).
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import weathermixer as wm
+from tests.test_mpi import ROOT, mpiexec_command, run_under_mpi
+
+ODD = ["--n-lat", "10", "--patch-lat", "2", "--n-lon", "12", "--patch-lon", "4",
+       "--n-prognostic", "5", "--n-static", "2", "--embed-dim", "13", "--token-hidden-dim", "7",
+       "--channel-hidden-dim", "9", "--blocks", "2"]
+EXACT = ODD + ["--dtype", "float64", "--rollout", "3", "--clip", "0.02", "--batch", "4",
+               "--lr", "3e-3", "--synthetic-steps", "24", "--log-every", "1"]
+
+
+def train_cli(args, n=1, limit=240):
+    """Run `weathermixer train ARGS` on n ranks (through `python -m weathermixer`)."""
+    if n == 1:
+        cmd = [sys.executable, "-m", "weathermixer", "train"] + args
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    return run_under_mpi(n, ["-m", "weathermixer", "train"] + args, limit=limit)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def max_relative_difference(a_path, b_path) -> float:
+    a, _ = wm.load_checkpoint(a_path)
+    b, _ = wm.load_checkpoint(b_path)
+    return max(np.abs(a[k] - b[k]).max() / np.abs(a[k]).max() for k in a)
+
+
+def test_default_job_learns_the_synthetic_task(tmp_path):
+    proc = ok(train_cli(["--steps", "80", "--out", str(tmp_path)]))
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+    assert len(losses) == 80
+    assert np.mean(losses[-10:]) < 0.35 * np.mean(losses[:5]), losses
+    assert "samples/s" in proc.stdout and (tmp_path / "last.h5").exists()
+
+
+def test_resume_continues_exactly(tmp_path):
+    ok(train_cli(EXACT + ["--steps", "5", "--out", str(tmp_path / "straight")]))
+    ok(train_cli(EXACT + ["--steps", "3", "--out", str(tmp_path / "first")]))
+    ok(train_cli(EXACT + ["--steps", "5", "--out", str(tmp_path / "second"),
+                          "--resume", str(tmp_path / "first" / "last.h5")]))
+    assert max_relative_difference(tmp_path / "straight" / "last.h5",
+                                   tmp_path / "second" / "last.h5") < 1e-12
+
+
+@pytest.mark.parametrize("n,jigsaw", [(2, "2"), (4, "4"), (8, "4"), (2, "1"), (4, "1x4")])
+def test_layouts_end_with_the_same_parameters(tmp_path_factory, n, jigsaw):
+    """Three AdamW steps with clipping and rollout: every layout ends where 1 rank ends."""
+    base = tmp_path_factory.getbasetemp() / "one-rank"
+    if not (base / "last.h5").exists():
+        ok(train_cli(EXACT + ["--steps", "3", "--out", str(base)]))
+    out = tmp_path_factory.mktemp(f"n{n}-j{jigsaw}")
+    layout = ["--grid", jigsaw] if "x" in jigsaw else ["--jigsaw", jigsaw]
+    ok(train_cli(EXACT + layout + ["--steps", "3", "--out", str(out)], n=n))
+    assert max_relative_difference(base / "last.h5", out / "last.h5") < 1e-9
+
+
+def test_checkpoint_of_one_layout_resumes_in_another(tmp_path):
+    """4-way for 2 steps, then 2-way x 2 replicas for 2 more == 1 rank for 4 steps."""
+    ok(train_cli(EXACT + ["--steps", "4", "--out", str(tmp_path / "serial")]))
+    ok(train_cli(EXACT + ["--jigsaw", "4", "--steps", "2", "--out", str(tmp_path / "a")], n=4))
+    ok(train_cli(EXACT + ["--jigsaw", "2", "--steps", "4", "--out", str(tmp_path / "b"),
+                          "--resume", str(tmp_path / "a" / "last.h5")], n=4))
+    assert max_relative_difference(tmp_path / "serial" / "last.h5",
+                                   tmp_path / "b" / "last.h5") < 1e-9
+
+
+@pytest.mark.parametrize("n,args,message", [
+    (2, ["--jigsaw", "4"], "cannot form model groups of 4"),
+    (2, ["--jigsaw", "1", "--batch", "3"], "not divisible by the 2 data-parallel replicas"),
+    (2, ["--jigsaw", "2", "--replicas", "2"], "needs 4 ranks, but the launcher started 2"),
+    (2, ["--jigsaw", "2", "--n-prognostic", "1"], "cannot split prognostic variables = 1"),
+    (2, ["--grid", "2x1", "--n-lat", "2", "--patch-lat", "2"], "cannot split token rows"),
+    (1, ["--patch-lat", "3"], "n_lat=16 is not divisible by patch_lat=3"),
+])
+def test_bad_requests_fail_before_any_step(tmp_path, n, args, message):
+    proc = train_cli(args + ["--steps", "2", "--out", str(tmp_path)], n=n, limit=60)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert message in err, err
+    assert err.count("Error:") == 1, f"only rank 0 reports:\n{err}"
+    assert "step" not in proc.stdout and not (tmp_path / "last.h5").exists()
+
+
+def test_bad_data_file_is_named(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    proc = train_cli(["--data", str(bad), "--out", str(tmp_path)], limit=60)
+    assert proc.returncode != 0 and "bad.h5" in proc.stderr
+
+
+def test_an_error_on_one_rank_aborts_the_job_quickly(tmp_path):
+    """Rank 1 raises while rank 0 waits in a collective: the job ends, non-zero, in seconds."""
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import click\nfrom mpi4py import MPI\nfrom weathermixer.cli import main as m\n"
+        "@click.command()\ndef boom():\n"
+        "    if MPI.COMM_WORLD.rank == 1:\n        raise RuntimeError('rank 1 fails')\n"
+        "    MPI.COMM_WORLD.Barrier()\n"
+        "m.cli.add_command(boom)\nm.main(['boom'])\n")
+    cmd = mpiexec_command(2) + [sys.executable, str(script)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "rank 1 fails" in proc.stderr
