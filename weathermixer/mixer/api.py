@@ -60,7 +60,7 @@ def loss_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
     model.sync_gradients(grads, layout)
     loss = ops.allreduce_sum(ops.allreduce_sum(xp.reshape(part, (1,)), grid.model, tag="loss"),
                              grid.data, tag="loss")
-    return float(loss[0]), grads
+    return float(loss[0]), {name: grads[name] for name in params}  # params' key order
 
 
 def _weights(w, n: int, xp, dtype):
