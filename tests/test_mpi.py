@@ -43,9 +43,18 @@ def run_under_mpi(n: int, args: list[str], limit: int = LIMIT_S, env=None):
         pytest.fail(f"{' '.join(cmd)} did not finish within {limit} s (hang?)\n{out[-4000:]}")
 
 
+def pytest_mpi_flags() -> list[str]:
+    """pytest-mpi (the `dev` extra) runs its marked tests only with --with-mpi."""
+    try:
+        import pytest_mpi  # noqa: F401
+    except ImportError:
+        return []
+    return ["--with-mpi"]
+
+
 @pytest.mark.parametrize("path,n", CASES, ids=[f"{p[:-3]}-n{n}" for p, n in CASES])
 def test_under_mpi(path, n):
-    proc = run_under_mpi(n, ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--with-mpi",
-                             f"tests/mpi/{path}"])
+    proc = run_under_mpi(n, ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+                         + pytest_mpi_flags() + [f"tests/mpi/{path}"])
     assert proc.returncode == 0, (f"{path} on {n} ranks failed (exit {proc.returncode})\n"
                                   f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")

@@ -63,3 +63,15 @@ def synchronize(xp) -> None:
     """Wait for the device's queued work (a no-op for numpy), before reading a host clock."""
     if xp is not np:
         xp.cuda.get_current_stream().synchronize()
+
+
+def set_matmul_precision(xp, precision: str) -> None:
+    """"tf32": float32 GEMMs on the tensor cores in TF32 (CuPy, Ampere or newer); "fp32": full
+    float32. Call before the first matmul. numpy has no TF32: only "fp32" means anything there."""
+    if precision not in ("tf32", "fp32"):
+        raise ValueError(f"precision {precision!r}: choose tf32 or fp32")
+    if xp is np:
+        return
+    from cupy._core import _routines_linalg as linalg
+    mode = linalg.COMPUTE_TYPE_TF32 if precision == "tf32" else linalg.COMPUTE_TYPE_DEFAULT
+    linalg.set_compute_type(np.float32, mode)

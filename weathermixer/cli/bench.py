@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 
 import click
+import numpy as np
 
 from weathermixer.cli.options import config_from_options, model_options
-from weathermixer.cli.train import check_request, choose_device, grid_shape, world_size
-from weathermixer.jigsaw.grid import ProcessGrid
+from weathermixer.cli.train import check_request, grid_shape, setup_parallel, world_size
 from weathermixer.mixer.bench import run_bench
 from weathermixer.mixer.layout import Layout, LayoutError
 from weathermixer.cli.errors import JobConfigError
@@ -29,8 +29,10 @@ DEFAULTS = dict(n_lat=32, n_lon=64, n_prognostic=5, n_static=1, patch_lat=1, pat
               show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True)
+@click.option("--precision", type=click.Choice(["tf32", "fp32"]), default="tf32",
+              show_default=True)
 @click.option("--json", "json_path", default=None, help="also write the rows as JSON here")
-def bench(config, jigsaw, grid, batch, steps, warmup, rollout, dtype, device, json_path,
+def bench(config, jigsaw, grid, batch, steps, warmup, rollout, dtype, device, precision, json_path,
           **size_flags):
     """Per rank: parameter bytes held, bytes sent per step by each operator, compute and
     communication time per step."""
@@ -42,14 +44,14 @@ def bench(config, jigsaw, grid, batch, steps, warmup, rollout, dtype, device, js
         Layout._check_splittable(cfg, pd, pc)
     except LayoutError as e:
         raise JobConfigError(str(e)) from None
-    pgrid = ProcessGrid.from_mpi(pd, pc) if n > 1 else ProcessGrid.serial()
+    pgrid, xp = setup_parallel(pd, pc, n, device, precision)
     layout = Layout(cfg, pgrid)
-    xp = choose_device(device, pgrid)
     row = run_bench(cfg, layout, batch, steps, warmup, dtype, xp=xp, rollout=rollout)
     rows = pgrid.world.gather_json(row)
     if pgrid.is_root:
         click.echo(f"{cfg.n_params():,} parameters; {pgrid.describe()}; global batch {batch}; "
-                   f"{dtype}; median of {steps} steps")
+                   f"{dtype}{' ' + precision if xp is not np else ''}; median of {steps} steps; "
+                   f"large-GEMM rate {rows[0]['gemm_tflops']:.1f} TFLOP/s")
         click.echo(format_table(rows))
         if json_path:
             with open(json_path, "w") as fh:
@@ -58,14 +60,15 @@ def bench(config, jigsaw, grid, batch, steps, warmup, rollout, dtype, device, js
 
 def format_table(rows) -> str:
     ops = sorted({op for r in rows for op in r["bytes_sent_per_step"]})
-    head = (f"{'rank':>4} {'grid':>5} {'params MB':>10} {'of 1-way':>8} {'ms/step':>9} "
-            f"{'comm ms':>8} {'compute ms':>10} {'TFLOP/s':>8}")
+    head = (f"{'rank':>4} {'grid':>5} {'fwd ms':>8} {'bwd ms':>8} {'step ms':>8} {'comm %':>6} "
+            f"{'TFLOP/s':>8} {'of GEMM':>7} {'peak GiB':>8} {'params MB':>10} {'of 1-way':>8}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['rank']:>4} {r['grid']:>5} {r['param_bytes'] / 1e6:>10.2f} "
-                     f"{r['param_fraction']:>8.3f} {1e3 * r['seconds_per_step']:>9.2f} "
-                     f"{1e3 * r['comm_seconds_per_step']:>8.2f} "
-                     f"{1e3 * r['compute_seconds_per_step']:>10.2f} {r['tflops_per_rank']:>8.3f}")
+        lines.append(f"{r['rank']:>4} {r['grid']:>5} {r['forward_ms']:>8.2f} "
+                     f"{r['backward_ms']:>8.2f} {r['step_ms']:>8.2f} "
+                     f"{100 * r['comm_share']:>6.1f} {r['tflops_per_rank']:>8.3f} "
+                     f"{r['gemm_fraction']:>7.3f} {r['peak_device_bytes'] / 2**30:>8.2f} "
+                     f"{r['param_bytes'] / 1e6:>10.2f} {r['param_fraction']:>8.3f}")
     if ops:
         lines.append("bytes sent per step (MB) by operator:")
         lines.append(f"{'rank':>4} " + " ".join(f"{op:>20}" for op in ops))

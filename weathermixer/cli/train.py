@@ -17,7 +17,7 @@ import numpy as np
 from weathermixer.autograd import xp as xpmod
 from weathermixer.cli.errors import JobConfigError
 from weathermixer.cli.options import config_from_options, model_options
-from weathermixer.jigsaw.grid import LAYOUTS, ProcessGrid, parse_grid
+from weathermixer.jigsaw.grid import LAYOUTS, ProcessGrid, node_placement, parse_grid
 from weathermixer.mixer.layout import Layout, LayoutError
 from weathermixer.mixer.train import TrainSettings, train as run_training
 
@@ -113,15 +113,23 @@ def normalisation(source, data, out_dir, grid):
     return {"channels": list(source.channels), "mean": mean.tolist(), "std": std.tolist()}
 
 
-def choose_device(device: str, grid):
-    """numpy, or cupy with one GPU per rank (the local rank modulo the GPUs seen)."""
-    if device == "cpu" or (device == "auto" and not xpmod.cupy_available()):
-        return np
-    xp = xpmod.module("cupy")
-    local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get(
-        "MPI_LOCALRANKID", os.environ.get("SLURM_LOCALID", grid.world.rank))))
-    xp.cuda.Device(local % xp.cuda.runtime.getDeviceCount()).use()
-    return xp
+def setup_parallel(pd: int, pc: int, n: int, device: str, precision: str):
+    """(grid, xp): the process grid and the array module of this rank.
+
+    On GPUs every rank takes GPU (node rank mod GPUs of the node) and the groups talk NCCL;
+    where several ranks share a GPU (NCCL refuses that) they stage through host MPI instead.
+    """
+    use_gpu = device == "gpu" or (device == "auto" and xpmod.cupy_available())
+    xp = xpmod.module("cupy") if use_gpu else np
+    backend = "mpi"
+    if use_gpu:
+        local, on_node = node_placement() if n > 1 else (0, 1)
+        gpus = xp.cuda.runtime.getDeviceCount()
+        xp.cuda.Device(local % gpus).use()
+        backend = "nccl" if on_node <= gpus else "mpi"
+    xpmod.set_matmul_precision(xp, precision)
+    grid = ProcessGrid.from_mpi(pd, pc, backend=backend) if n > 1 else ProcessGrid.serial()
+    return grid, xp
 
 
 @click.command()
@@ -149,6 +157,8 @@ def choose_device(device: str, grid):
               help="K: each step draws its latent rollout k from 1..K")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
               show_default=True)
+@click.option("--precision", type=click.Choice(["tf32", "fp32"]), default="tf32",
+              show_default=True, help="float32 GEMMs on GPUs: TF32 tensor cores or full fp32")
 @click.option("--out", "out_dir", default="runs/default", show_default=True,
               help="run directory: last.h5, metrics.jsonl")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None,
@@ -158,7 +168,7 @@ def choose_device(device: str, grid):
 @click.option("--synthetic-steps", "n_time", type=int, default=96, show_default=True,
               help="length of the synthetic series")
 def train(config, data, static, jigsaw, grid, replicas, batch, steps, lr, weight_decay, clip,
-          seed, dtype, rollout, device, out_dir, resume, checkpoint_every, log_every, n_time,
+          seed, dtype, rollout, device, precision, out_dir, resume, checkpoint_every, log_every, n_time,
           **size_flags):
     """Train WeatherMixer (AdamW); the final checkpoint is OUT/last.h5."""
     if min(batch, steps, rollout) < 1:
@@ -172,9 +182,8 @@ def train(config, data, static, jigsaw, grid, replicas, batch, steps, lr, weight
         Layout._check_splittable(cfg, pd, pc)
     except LayoutError as e:
         raise JobConfigError(str(e)) from None
-    pgrid = ProcessGrid.from_mpi(pd, pc) if n > 1 else ProcessGrid.serial()
+    pgrid, xp = setup_parallel(pd, pc, n, device, precision)
     layout = Layout(cfg, pgrid)
-    xp = choose_device(device, pgrid)
     extra = {"data": list(data), "static": static_names}
     if data:
         extra["normalization"] = normalisation(source, data, out_dir, pgrid)
@@ -184,7 +193,7 @@ def train(config, data, static, jigsaw, grid, replicas, batch, steps, lr, weight
                              out_dir=out_dir)
     if pgrid.is_root:
         click.echo(f"weathermixer train: {cfg.n_params():,} parameters, {pgrid.describe()}, "
-                   f"{'GPU' if xp is not np else 'CPU'} {dtype}, global batch {batch}, "
+                   f"{'GPU ' + precision if xp is not np else 'CPU'} {dtype}, global batch {batch}, "
                    f"data {', '.join(data) if data else 'synthetic'}")
     history = run_training(cfg, layout, source, settings, xp=xp, resume=resume, extra=extra)
     if pgrid.is_root and history:

@@ -22,13 +22,16 @@ import time
 
 import numpy as np
 
-from weathermixer.autograd.xp import get_array_module, to_host, to_module
+from weathermixer.autograd.xp import get_array_module, is_device_array, to_host, to_module
 
 
 class CommLog:
-    """Per-operator counters of calls, bytes sent by this rank and seconds spent."""
+    """Per-operator counters of calls, bytes sent by this rank and seconds spent.
+    With `synchronize` set (by the bench), device collectives wait for the stream before and
+    after, so their seconds are the transfer's own and not just the launch."""
 
     def __init__(self):
+        self.synchronize = False
         self.reset()
 
     def reset(self):
@@ -198,3 +201,107 @@ class MPIGroup:
 
     def barrier(self):
         self.comm.Barrier()
+
+
+class NCCLGroup(MPIGroup):
+    """An MPI group that also holds an NCCL communicator: CuPy arrays travel over NCCL (on
+    the current stream, no host copy), host arrays over MPI as in `MPIGroup`.
+
+    The NCCL unique id is made on group rank 0 and broadcast over the group's MPI
+    communicator; the CUDA device must be chosen before the group is made. NCCL collectives
+    need equal counts, so uneven parts are padded to the largest part on the wire.
+    """
+
+    def __init__(self, comm, name: str):
+        super().__init__(comm, name)
+        from cupy.cuda import nccl
+        self._nccl = nccl
+        uid = np.array(nccl.get_unique_id() if self.rank == 0 else [0] * 128, dtype=np.int64)
+        self.comm.Bcast(uid, root=0)
+        self.nccl = nccl.NcclCommunicator(self.size, tuple(int(v) for v in uid), self.rank)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _dtype(self, x):
+        codes = {"float32": self._nccl.NCCL_FLOAT32, "float64": self._nccl.NCCL_FLOAT64,
+                 "int32": self._nccl.NCCL_INT32, "int64": self._nccl.NCCL_INT64}
+        return codes[x.dtype.name]
+
+    @staticmethod
+    def _stream():
+        import cupy
+        return cupy.cuda.get_current_stream().ptr
+
+    def _timed(self, tag, nbytes, fn):
+        t0 = time.perf_counter()
+        if COMM_LOG.synchronize:
+            import cupy
+            cupy.cuda.get_current_stream().synchronize()
+        out = fn()
+        if COMM_LOG.synchronize:
+            import cupy
+            cupy.cuda.get_current_stream().synchronize()
+        COMM_LOG.record(tag, nbytes, time.perf_counter() - t0)
+        return out
+
+    # -- collectives on device arrays ----------------------------------------------------
+    def allreduce(self, x, op: str = "sum", tag: str = "allreduce"):
+        if self.size == 1 or not is_device_array(x):
+            return super().allreduce(x, op, tag)
+        xp = get_array_module(x)
+        send = xp.ascontiguousarray(x)
+        recv = xp.empty_like(send)
+        ops = {"sum": self._nccl.NCCL_SUM, "max": self._nccl.NCCL_MAX, "min": self._nccl.NCCL_MIN}
+
+        def run():
+            self.nccl.allReduce(send.data.ptr, recv.data.ptr, send.size, self._dtype(send),
+                                ops[op], self._stream())
+            return recv
+
+        return self._timed(tag, 2 * send.nbytes * (self.size - 1) / self.size, run)
+
+    def allgather(self, x, axis: int, sizes, tag: str = "allgather"):
+        if self.size == 1 or not is_device_array(x):
+            return super().allgather(x, axis, sizes, tag)
+        xp = get_array_module(x)
+        m = max(sizes)
+        part = xp.moveaxis(x, axis, 0)  # [sizes[rank], ...rest]
+        send = xp.zeros((m,) + part.shape[1:], dtype=x.dtype)  # padded to the largest part
+        send[:part.shape[0]] = part
+        recv = xp.empty((self.size * m,) + part.shape[1:], dtype=x.dtype)  # [parts * m, ...]
+
+        def run():
+            self.nccl.allGather(send.data.ptr, recv.data.ptr, send.size, self._dtype(send),
+                                self._stream())
+            return recv
+
+        self._timed(tag, send.nbytes * (self.size - 1), run)
+        if all(s == m for s in sizes):
+            full = recv
+        else:
+            full = xp.concatenate([recv[p * m:p * m + s] for p, s in enumerate(sizes)])
+        return xp.moveaxis(full, 0, axis)
+
+    def reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
+        if self.size == 1 or not is_device_array(x):
+            return super().reduce_scatter(x, axis, sizes, tag)
+        xp = get_array_module(x)
+        m = max(sizes)
+        full = xp.moveaxis(x, axis, 0)  # [sum(sizes), ...rest]
+        rest = full.shape[1:]
+        if all(s == m for s in sizes):
+            send = xp.ascontiguousarray(full)
+        else:
+            send = xp.zeros((self.size * m,) + rest, dtype=x.dtype)  # each part padded to m
+            o = 0
+            for p, s in enumerate(sizes):
+                send[p * m:p * m + s] = full[o:o + s]
+                o += s
+        recv = xp.empty((m,) + rest, dtype=x.dtype)
+
+        def run():
+            self.nccl.reduceScatter(send.data.ptr, recv.data.ptr, recv.size, self._dtype(recv),
+                                    self._nccl.NCCL_SUM, self._stream())
+            return recv
+
+        self._timed(tag, send.nbytes * (self.size - 1) / self.size, run)
+        return xp.moveaxis(recv[:sizes[self.rank]], 0, axis)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from weathermixer.jigsaw.backend import LocalGroup, MPIGroup
+from weathermixer.jigsaw.backend import LocalGroup, MPIGroup, NCCLGroup
 
 LAYOUTS = {1: (1, 1), 2: (1, 2), 4: (2, 2)}
 
@@ -79,9 +79,11 @@ class ProcessGrid:
         return cls(1, 1, 1, 0, 0, 0, g("world"), g("model"), g("channel"), g("domain"), g("data"))
 
     @classmethod
-    def from_mpi(cls, pd: int, pc: int, comm=None) -> "ProcessGrid":
+    def from_mpi(cls, pd: int, pc: int, comm=None, backend: str = "mpi") -> "ProcessGrid":
         """Split `comm` (default MPI.COMM_WORLD) into replicas of a pd x pc model group.
 
+        backend "mpi": host buffers (CuPy arrays staged through the host); "nccl": CuPy arrays
+        over NCCL (one GPU per rank, the device already chosen), host arrays over MPI.
         Raises ValueError (on every rank alike) when the world size is not a multiple of pd*pc.
         """
         from mpi4py import MPI
@@ -95,10 +97,22 @@ class ProcessGrid:
         g = comm.Get_rank()
         replica, q = divmod(g, q_size)
         i, j = divmod(q, pc)
-        split = lambda color, name: MPIGroup(comm.Split(color, g), name)  # noqa: E731
+        group = {"mpi": MPIGroup, "nccl": NCCLGroup}[backend]
+        split = lambda color, name: group(comm.Split(color, g), name)  # noqa: E731
         return cls(pd, pc, n // q_size, i, j, replica,
-                   world=MPIGroup(comm, "world"),
+                   world=group(comm, "world"),
                    model=split(replica, "model"),
                    channel=split(replica * pd + i, "channel"),
                    domain=split(replica * pc + j, "domain"),
                    data=split(q, "data"))
+
+
+def node_placement(comm=None) -> tuple[int, int]:
+    """(rank among the ranks of this node, ranks on this node), from MPI's shared-memory split."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD if comm is None else comm
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()

@@ -1,11 +1,17 @@
-"""Measured cost of a training step on a layout: memory held, bytes sent, time split.
+"""Measured cost of a training step on a layout: time, rate, memory held, bytes sent.
 
-`run_bench` times `loss_and_grads` + AdamW for a config on this rank's layout after warm-up
-steps, and reports per rank: parameter bytes held (and their fraction of the 1-way total),
-bytes sent per step by each communication operator (from `jigsaw.backend.COMM_LOG`), and the
-time per step split into communication (inside collectives) and compute (the rest).
+`run_bench` builds this rank's blocks of a model, then after warm-up times (median of
+`steps` repeats; CUDA events on GPUs, the host clock on CPUs):
 
-Achieved FLOP/s counts 2 m n k per GEMM of the forward pass and 3x that for a training step.
+    forward   predict
+    backward  loss_and_grads minus forward
+    step      loss_and_grads + AdamW (the training step)
+
+and reports per rank: ms per step, achieved TFLOP/s (2 m n k per GEMM of the forward pass,
+3x that for a step, divided over the ranks of a model group), the same against the rate of
+one large GEMM measured in the same run, the share of the step spent inside collectives
+(device collectives synchronised for the count), parameter bytes held (and their fraction of
+the 1-way total), bytes sent per step by each operator, and peak device memory.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import numpy as np
 
 from weathermixer.autograd.xp import synchronize
 from weathermixer.jigsaw.backend import COMM_LOG
-from weathermixer.mixer.api import loss_and_grads
+from weathermixer.mixer.api import loss_and_grads, predict
 from weathermixer.mixer.optim import AdamW
 from weathermixer.mixer.params import init_params
 
@@ -31,43 +37,81 @@ def forward_flops(cfg, batch: int, rollout: int = 1) -> float:
     return float(batch) * (encoder + rollout * cfg.n_blocks * block + decoder + head)
 
 
+def seconds(xp, fn) -> float:
+    """Wall time of fn(): CUDA events on the current stream for CuPy, the host clock else."""
+    if xp is np:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = xp.cuda.Event(), xp.cuda.Event()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return xp.cuda.get_elapsed_time(start, end) / 1e3
+
+
+def gemm_tflops(xp, dtype: str, n: int, repeats: int = 5) -> float:
+    """Rate of one n x n x n matrix product in `dtype` (the precision set for the run)."""
+    rng = np.random.default_rng(0)
+    a = xp.asarray(rng.standard_normal((n, n)).astype(dtype))
+    b = xp.asarray(rng.standard_normal((n, n)).astype(dtype))
+    a @ b
+    synchronize(xp)
+    return 2.0 * n ** 3 / float(np.median([seconds(xp, lambda: a @ b) for _ in range(repeats)])) / 1e12
+
+
+def peak_device_bytes(xp) -> int:
+    """High-water mark of the CuPy memory pool (it keeps what it once took); 0 on CPUs."""
+    return 0 if xp is np else int(xp.get_default_memory_pool().total_bytes())
+
+
 def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=np,
-              rollout: int = 1, seed: int = 0) -> dict:
+              rollout: int = 1, seed: int = 0, gemm_size: int | None = None) -> dict:
     """This rank's measurements (see the module docstring); `batch` is the global batch."""
     grid = layout.grid
     params = init_params(cfg, seed=seed, dtype=dtype, layout=layout, xp=xp)
     b_loc = batch // grid.n_dp
     rng = np.random.default_rng([seed, grid.world.rank])
     h, nc, nv = layout.n_lat_local, len(layout.input_channels), len(layout.prognostic_channels)
-    x = xp.asarray(rng.normal(size=(b_loc, nc, h, cfg.n_lon)).astype(dtype))
-    target = xp.asarray(rng.normal(size=(b_loc, nv, h, cfg.n_lon)).astype(dtype))
-    opt = AdamW(lr=1e-4, clip_norm=1.0)
+    x = xp.asarray(rng.standard_normal((b_loc, nc, h, cfg.n_lon)).astype(dtype))
+    target = xp.asarray(rng.standard_normal((b_loc, nv, h, cfg.n_lon)).astype(dtype))
+    opt = AdamW(lr=1e-5, clip_norm=1.0)
+
+    def forward():
+        predict(params, x, cfg, rollout=rollout, layout=layout)
+
+    def gradients():
+        return loss_and_grads(params, x, target, cfg, rollout=rollout, layout=layout)
 
     def step():
-        _, grads = loss_and_grads(params, x, target, cfg, rollout=rollout, layout=layout)
+        _, grads = gradients()
         opt.step(params, grads, layout)
 
     for _ in range(warmup):
         step()
     synchronize(xp)
     grid.world.barrier()
+    t_fwd = float(np.median([seconds(xp, forward) for _ in range(steps)]))
+    t_grad = float(np.median([seconds(xp, gradients) for _ in range(steps)]))
     COMM_LOG.reset()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        synchronize(xp)
-        times.append(time.perf_counter() - t0)
-    held = sum(int(p.nbytes) for p in params.values())
-    total = cfg.n_params() * np.dtype(dtype).itemsize
-    per_step = float(np.median(times))
+    COMM_LOG.synchronize = True
+    t_step = float(np.median([seconds(xp, step) for _ in range(steps)]))
+    COMM_LOG.synchronize = False
     comm = COMM_LOG.total_seconds / steps
+    sent = {k: v / steps for k, v in sorted(COMM_LOG.bytes_sent.items())}
+    peak = peak_device_bytes(xp)
+    gemm = gemm_tflops(xp, dtype, gemm_size or (8192 if xp is not np else 1024))
+    held = sum(int(p.nbytes) for p in params.values())
+    rate = 3 * forward_flops(cfg, b_loc, rollout) / grid.model_size / t_step / 1e12
     return {
         "rank": grid.world.rank, "grid": f"{grid.pd}x{grid.pc}", "replicas": grid.n_dp,
-        "param_bytes": held, "param_fraction": held / total,
-        "seconds_per_step": per_step, "comm_seconds_per_step": comm,
-        "compute_seconds_per_step": max(per_step - comm, 0.0),
-        "bytes_sent_per_step": {k: v / steps for k, v in sorted(COMM_LOG.bytes_sent.items())},
-        "tflops_per_rank": 3 * forward_flops(cfg, b_loc, rollout) / grid.model_size
-                           / per_step / 1e12,
+        "device": "gpu" if xp is not np else "cpu",
+        "forward_ms": 1e3 * t_fwd, "backward_ms": 1e3 * (t_grad - t_fwd), "step_ms": 1e3 * t_step,
+        "seconds_per_step": t_step, "comm_seconds_per_step": comm,
+        "compute_seconds_per_step": max(t_step - comm, 0.0), "comm_share": comm / t_step,
+        "tflops_per_rank": rate, "gemm_tflops": gemm, "gemm_fraction": rate / gemm,
+        "peak_device_bytes": peak,
+        "param_bytes": held, "param_fraction": held / (cfg.n_params() * np.dtype(dtype).itemsize),
+        "bytes_sent_per_step": sent,
     }
