@@ -25,7 +25,8 @@ def mpiexec_command(n: int) -> list[str]:
     if exe is None:
         pytest.fail("no mpiexec on PATH: install MPI (pip install '.[mpich]')")
     cmd = [exe, "-n", str(n)]
-    if "Open MPI" in subprocess.run([exe, "--version"], capture_output=True, text=True).stdout:
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    if any(s in version.stdout + version.stderr for s in ("Open MPI", "OpenRTE", "open-mpi")):
         cmd += ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     return cmd
 

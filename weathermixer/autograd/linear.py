@@ -8,10 +8,46 @@ backward. Leading axes (the batch) are summed in dW and db.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from weathermixer.autograd.xp import get_array_module
+
+
+def matmul(a, b):
+    """a [..., m, k] @ b [k, n] -> [..., m, n] as 2-D GEMMs.
+
+    2-D products take transposed views without a copy (BLAS transpose flags), and CuPy runs
+    them in the precision set by `set_matmul_precision` (its batched path ignores TF32). A
+    C-contiguous batch is one tall GEMM; any other batch is a loop of 2-D GEMMs."""
+    if a.ndim == 2:
+        return a @ b
+    lead, (m, k) = a.shape[:-2], a.shape[-2:]
+    if a.flags.c_contiguous:
+        return (a.reshape(-1, k) @ b).reshape(lead + (m, b.shape[-1]))
+    xp = get_array_module(a)
+    out = xp.empty(lead + (m, b.shape[-1]), dtype=xp.result_type(a, b))  # [..., m, n]
+    for i in np.ndindex(*lead):
+        xp.matmul(a[i], b, out=out[i])
+    return out
+
+
+def contract_leading(a, b):
+    """sum over every axis but the last of a[..., n] b[..., k] -> [n, k] (dW of a GEMM),
+    as one 2-D GEMM per index of the axes before the last two."""
+    if a.ndim == 2:
+        return a.T @ b
+    if a.ndim == 1:
+        return a[:, None] * b[None, :]
+    out = None
+    for i in np.ndindex(*a.shape[:-2]):
+        term = a[i].T @ b[i]  # [n, k]
+        out = term if out is None else out + term
+    return out
+
 
 def linear_forward(x, w, b=None):
     """Y = X @ W.T (+ b). Returns (y [..., N], cache)."""
-    y = x @ w.T  # [..., N]
+    y = matmul(x, w.T)  # [..., N]
     if b is not None:
         y = y + b
     return y, (x, w, b is not None)
@@ -20,20 +56,10 @@ def linear_forward(x, w, b=None):
 def linear_backward(dy, cache):
     """Gradients (dx [..., K], dw [N, K], db [N] or None) of `linear_forward`."""
     x, w, has_bias = cache
-    lead = tuple(range(dy.ndim - 1))
-    dx = dy @ w  # [..., K]
-    dw = _contract_leading(dy, x, lead)  # [N, K]
-    db = dy.sum(axis=lead) if has_bias else None  # [N]
+    dx = matmul(dy, w)  # [..., K]
+    dw = contract_leading(dy, x)  # [N, K]
+    db = dy.sum(axis=tuple(range(dy.ndim - 1))) if has_bias else None  # [N]
     return dx, dw, db
-
-
-def _contract_leading(a, b, lead):
-    """sum over the leading axes of a[..., n] b[..., k] -> [n, k]."""
-    if not lead:
-        return a[:, None] * b[None, :]
-    a2 = a.reshape(-1, a.shape[-1])  # [rows, N]
-    b2 = b.reshape(-1, b.shape[-1])  # [rows, K]
-    return a2.T @ b2
 
 
 def token_linear_forward(x, w, b=None):

@@ -216,9 +216,12 @@ class NCCLGroup(MPIGroup):
         super().__init__(comm, name)
         from cupy.cuda import nccl
         self._nccl = nccl
-        uid = np.array(nccl.get_unique_id() if self.rank == 0 else [0] * 128, dtype=np.int64)
-        self.comm.Bcast(uid, root=0)
-        self.nccl = nccl.NcclCommunicator(self.size, tuple(int(v) for v in uid), self.rank)
+        uid = nccl.get_unique_id()  # every rank makes one to learn its type; rank 0's is used
+        buf = np.frombuffer(bytes(uid) if isinstance(uid, bytes) else
+                            np.asarray(uid, dtype=np.int8).tobytes(), dtype=np.uint8).copy()
+        self.comm.Bcast(buf, root=0)  # [128] bytes
+        uid = bytes(buf) if isinstance(uid, bytes) else tuple(int(v) for v in buf.view(np.int8))
+        self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
 
     # -- helpers -------------------------------------------------------------------------
     def _dtype(self, x):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from weathermixer.autograd.linear import _contract_leading, linear_forward
+from weathermixer.autograd.linear import contract_leading, linear_forward, matmul
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.shard import Partition
 
@@ -69,8 +69,8 @@ def xwt_backward(dy, cache):
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     dyg = ops.scatter_sum_adjoint(dy, cols, -1, out_cols, tag="xwt.gather_dy")  # [.., R_r, N]
     wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
-    dx = dyg @ wg  # [.., R_r, K_c]
-    dwg = _contract_leading(dyg, x, tuple(range(x.ndim - 1)))  # [N, K_c], partial over R parts
+    dx = matmul(dyg, wg)  # [.., R_r, K_c]
+    dwg = contract_leading(dyg, x)  # [N, K_c], partial over R parts
     dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
     return dx, dw
 
@@ -81,7 +81,7 @@ def xw_forward(x, w, grid, frame: Frame, a_x: Partition, a_w: Partition):
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     xg = ops.gather(x, cols, -1, a_x, tag="xw.gather_x")  # [.., R_r, A]
     wg = ops.gather(w, rows, 0, a_w, tag="xw.gather_w")  # [A, B_c]
-    return xg @ wg, (x, w, grid, frame, a_x, a_w)
+    return matmul(xg, wg), (x, w, grid, frame, a_x, a_w)
 
 
 def xw_backward(dy, cache):
@@ -97,7 +97,7 @@ def xtw_forward(x, w, grid, frame: Frame, a_x: Partition, a_out: Partition):
     the leading axes. `a_x` cuts A over `frame.cols`, `a_out` cuts A over `frame.rows`."""
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     xg = ops.gather(x, cols, -1, a_x, tag="xtw.gather_x")  # [.., R_r, A]
-    partial = _contract_leading(xg, w, tuple(range(w.ndim - 1)))  # [A, B_c], partial over R
+    partial = contract_leading(xg, w)  # [A, B_c], partial over R
     y = ops.scatter_sum(partial, rows, 0, a_out, tag="xtw.scatter_y")  # [A_r, B_c]
     return y, (x, w, grid, frame, a_x, a_out)
 
