@@ -70,6 +70,31 @@ def main():
                                                                 "blocks/0/token_norm", lay, -1, E))
     out, c = model.norm_forward(z, params, "blocks/0/token_norm", lay, -1, E)
     add("layernorm backward [T, E]", lambda: model.norm_backward(out, c, {}, "blocks/0/token_norm"))
+    P, HW = cfg.n_prognostic, cfg.n_lat * cfg.n_lon
+    y0 = cp.asarray(rng.standard_normal((1, P, cfg.n_lat, cfg.n_lon), dtype=np.float32))
+    add("head LN [P, H, W] forward", lambda: model.norm_forward(y0, params, "head/decoded_norm",
+                                                                lay, 1, P))
+    ho, hcache = model.norm_forward(y0, params, "head/decoded_norm", lay, 1, P)
+    add("head LN [P, H, W] backward", lambda: model.norm_backward(ho, hcache, {},
+                                                                  "head/decoded_norm"))
+    pix = cp.asarray(rng.standard_normal((1, HW, 2 * P), dtype=np.float32))
+    add("head linear forward", lambda: model.dense_forward(pix, params, "head/linear", lay),
+        2 * HW * 2 * P * P)
+    hy, hc = model.dense_forward(pix, params, "head/linear", lay)
+    add("head linear backward", lambda: model.dense_backward(hy, hc, {}, "head/linear"),
+        4 * HW * 2 * P * P)
+    d = cp.asarray(rng.standard_normal((1, T, 2 * E), dtype=np.float32))
+    add("recovery forward", lambda: model.dense_forward(d, params, "decoder/recovery", lay),
+        2 * T * 2 * E * cfg.recovery_dim)
+    ry, rc = model.dense_forward(d, params, "decoder/recovery", lay)
+    add("recovery backward", lambda: model.dense_backward(ry, rc, {}, "decoder/recovery"),
+        4 * T * 2 * E * cfg.recovery_dim)
+    add("patchify x", lambda: model.patchify(x, cfg.patch_lat, cfg.patch_lon))
+    from weathermixer.mixer.optim import AdamW
+    opt = AdamW(lr=1e-5)
+    grads = {k: v.copy() for k, v in params.items()}
+    add("AdamW step (all params)", lambda: opt.step(params, grads, lay))
+    del grads, opt
     yf, cf = model.forward(params, x, lay, 1)
     add("whole forward", lambda: model.forward(params, x, lay, 1))
     add("whole backward", lambda: model.backward(yf, cf))

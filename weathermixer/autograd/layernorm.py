@@ -14,7 +14,8 @@ identity for an unsharded axis and a sum over the `channel` group in `jigsaw.lay
 """
 from __future__ import annotations
 
-from weathermixer.autograd.xp import get_array_module
+from weathermixer.autograd.linear import sum_except
+from weathermixer.autograd.xp import elementwise_kernel, get_array_module, is_device_array
 
 EPS = 1e-5
 
@@ -40,21 +41,37 @@ def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
     d = u - mean
     var = allreduce((d * d).sum(axis=axis, keepdims=True)) / n  # reduction S2
     rstd = 1.0 / xp.sqrt(var + EPS)  # [.., 1, ..]
-    xhat = d * rstd  # like u
-    out = xhat * _along(scale, u.ndim, axis) + _along(bias, u.ndim, axis)
+    xhat, out = _normalise(d, rstd, _along(scale, u.ndim, axis), _along(bias, u.ndim, axis))
     return out, (xhat, rstd, scale, axis, n, allreduce)
+
+
+def _normalise(d, rstd, scale, bias):
+    """(xhat, out) = (d rstd, xhat scale + bias): one fused pass on GPUs."""
+    if is_device_array(d):
+        return elementwise_kernel("wm_ln_fwd", "T d, T rstd, T scale, T bias", "T xhat, T out",
+                                  "xhat = d * rstd; out = xhat * scale + bias;")(d, rstd, scale, bias)
+    xhat = d * rstd
+    return xhat, xhat * scale + bias
+
+
+def _input_gradient(g, xhat, rstd, r1, r2, n):
+    """du = rstd (g - R1 / n - xhat R2 / n): one fused pass on GPUs."""
+    if is_device_array(g):
+        return elementwise_kernel(
+            "wm_ln_bwd", "T g, T xhat, T rstd, T r1, T r2, T n", "T du",
+            "du = rstd * (g - r1 / n - xhat * (r2 / n));")(g, xhat, rstd, r1, r2, g.dtype.type(n))
+    return rstd * (g - r1 / n - xhat * (r2 / n))
 
 
 def layernorm_backward(dout, cache):
     """Gradients (du, dscale, dbias). dscale and dbias are sums over this rank's rows only."""
     xhat, rstd, scale, axis, n, allreduce = cache
     xp = get_array_module(dout)
-    others = tuple(a for a in range(dout.ndim) if a != axis)
     g = dout * _along(scale, dout.ndim, axis)
     r = xp.stack([g.sum(axis=axis, keepdims=True),  # reduction R1
                   (g * xhat).sum(axis=axis, keepdims=True)])  # reduction R2; [2, .., 1, ..]
     r1, r2 = allreduce(r)
-    du = rstd * (g - r1 / n - xhat * (r2 / n))
-    dscale = (dout * xhat).sum(axis=others)  # [C]
-    dbias = dout.sum(axis=others)  # [C]
+    du = _input_gradient(g, xhat, rstd, r1, r2, n)
+    dscale = sum_except(dout * xhat, axis)  # [C]
+    dbias = sum_except(dout, axis)  # [C]
     return du, dscale, dbias

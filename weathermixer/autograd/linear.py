@@ -45,6 +45,21 @@ def contract_leading(a, b):
     return out
 
 
+def sum_except(a, axis: int):
+    """Sum over every axis but `axis` -> [a.shape[axis]], as products with a ones vector:
+    BLAS reads each element once at memory speed, where a column reduction would stride."""
+    xp = get_array_module(a)
+    axis = axis % a.ndim
+    if not a.flags.c_contiguous:
+        return a.sum(axis=tuple(i for i in range(a.ndim) if i != axis))
+    lead = int(np.prod(a.shape[:axis], dtype=np.int64))
+    inner = int(np.prod(a.shape[axis + 1:], dtype=np.int64))
+    c = a.shape[axis]
+    rows = a.reshape(lead * c, inner)  # [lead C, inner]
+    per_lead = (rows @ xp.ones(inner, dtype=a.dtype) if inner > 1 else rows[:, 0]).reshape(lead, c)
+    return xp.ones(lead, dtype=a.dtype) @ per_lead if lead > 1 else per_lead[0]  # [C]
+
+
 def linear_forward(x, w, b=None):
     """Y = X @ W.T (+ b). Returns (y [..., N], cache)."""
     y = matmul(x, w.T)  # [..., N]
@@ -58,7 +73,7 @@ def linear_backward(dy, cache):
     x, w, has_bias = cache
     dx = matmul(dy, w)  # [..., K]
     dw = contract_leading(dy, x)  # [N, K]
-    db = dy.sum(axis=tuple(range(dy.ndim - 1))) if has_bias else None  # [N]
+    db = sum_except(dy, -1) if has_bias else None  # [N]
     return dx, dw, db
 
 

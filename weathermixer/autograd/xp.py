@@ -75,3 +75,15 @@ def set_matmul_precision(xp, precision: str) -> None:
     from cupy._core import _routines_linalg as linalg
     mode = linalg.COMPUTE_TYPE_TF32 if precision == "tf32" else linalg.COMPUTE_TYPE_DEFAULT
     linalg.set_compute_type(np.float32, mode)
+
+
+_KERNELS: dict = {}
+
+
+def elementwise_kernel(name: str, in_params: str, out_params: str, body: str):
+    """A cached CuPy ElementwiseKernel: one pass over memory for a fused elementwise formula.
+    Callers keep the same formula in numpy beside it for host arrays (and the GPU tests
+    compare the two in float64)."""
+    if name not in _KERNELS:
+        _KERNELS[name] = _cupy.ElementwiseKernel(in_params, out_params, body, name)
+    return _KERNELS[name]

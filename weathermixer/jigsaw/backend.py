@@ -235,10 +235,10 @@ class NCCLGroup(MPIGroup):
         return cupy.cuda.get_current_stream().ptr
 
     def _timed(self, tag, nbytes, fn):
-        t0 = time.perf_counter()
-        if COMM_LOG.synchronize:
+        if COMM_LOG.synchronize:  # wait for queued compute first: it is not communication
             import cupy
             cupy.cuda.get_current_stream().synchronize()
+        t0 = time.perf_counter()
         out = fn()
         if COMM_LOG.synchronize:
             import cupy

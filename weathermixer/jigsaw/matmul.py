@@ -59,8 +59,9 @@ def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition
     return y, (x, w, grid, frame, w_rows, out_cols)
 
 
-def xwt_backward(dy, cache):
+def xwt_backward(dy, cache, need_dx: bool = True):
     """(dX [.., R_r, K_c], dW [N_r, K_c]) = (xw(dY, W), xtw(dY, X)), sharing one gather of dY.
+    Without `need_dx` (the first layer), dX is None and its GEMM is skipped.
 
     The W panel is gathered again rather than cached: one more exchange instead of holding a
     gathered panel per layer between forward and backward.
@@ -68,8 +69,10 @@ def xwt_backward(dy, cache):
     x, w, grid, frame, w_rows, out_cols = cache
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     dyg = ops.scatter_sum_adjoint(dy, cols, -1, out_cols, tag="xwt.gather_dy")  # [.., R_r, N]
-    wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
-    dx = matmul(dyg, wg)  # [.., R_r, K_c]
+    dx = None
+    if need_dx:
+        wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
+        dx = matmul(dyg, wg)  # [.., R_r, K_c]
     dwg = contract_leading(dyg, x)  # [N, K_c], partial over R parts
     dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
     return dx, dw

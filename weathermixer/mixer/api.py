@@ -56,7 +56,8 @@ def loss_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
     normaliser = x.shape[0] * grid.n_dp * cfg.n_prognostic * cfg.n_lat * cfg.n_lon
     y, cache = model.forward(params, x, layout, rollout)
     part, c_loss = weighted_sse_forward(y, target, lat_w, var_w, normaliser)
-    grads, _ = model.backward(weighted_sse_backward(1.0, c_loss), cache)
+    grads, _ = model.backward(weighted_sse_backward(1.0, c_loss), cache, need_dx=False,
+                              release=True)
     model.sync_gradients(grads, layout)
     loss = ops.allreduce_sum(ops.allreduce_sum(xp.reshape(part, (1,)), grid.model, tag="loss"),
                              grid.data, tag="loss")

@@ -25,6 +25,7 @@ head) add their branch gradients explicitly.
 from __future__ import annotations
 
 from weathermixer.autograd.activation import gelu_backward, gelu_forward
+from weathermixer.autograd.linear import sum_except
 from weathermixer.autograd.shape import (concat_backward, concat_forward, patchify,
                                          patchify_backward, unpatchify, unpatchify_backward)
 from weathermixer.jigsaw import ops
@@ -49,10 +50,10 @@ def dense_forward(x, params, name, layout):
     return y + params[name + "/bias"], cache
 
 
-def dense_backward(dy, cache, grads, name):
-    dx, dw = xwt_backward(dy, cache)
+def dense_backward(dy, cache, grads, name, need_dx: bool = True):
+    dx, dw = xwt_backward(dy, cache, need_dx)
     _accumulate(grads, name + "/weight", dw)
-    _accumulate(grads, name + "/bias", dy.sum(axis=tuple(range(dy.ndim - 1))))
+    _accumulate(grads, name + "/bias", sum_except(dy, -1))
     return dx
 
 
@@ -121,8 +122,10 @@ def forward(params, x, layout, rollout: int = 1):
     return y, (x.shape, c_enc, c_blocks, c_dn, c_cat, c_rec, c_an, c_hcat, c_hn, c_head, layout)
 
 
-def backward(dy, cache):
-    """Gradients (grads: dict of this rank's partial parameter gradients, dx [B, C_loc, h, W])."""
+def backward(dy, cache, need_dx: bool = True, release: bool = False):
+    """Gradients (grads: dict of this rank's partial parameter gradients, dx [B, C_loc, h, W]
+    or None without `need_dx`). With `release`, each block's activations are dropped from
+    `cache` as soon as its backward is done (lower peak memory; the cache is then spent)."""
     x_shape, c_enc, c_blocks, c_dn, c_cat, c_rec, c_an, c_hcat, c_hn, c_head, layout = cache
     cfg, grads = layout.cfg, {}
     pl, pw = cfg.patch_lat, cfg.patch_lon
@@ -135,10 +138,15 @@ def backward(dy, cache):
     dd = dense_backward(unpatchify_backward(dy0, pl, pw), c_rec, grads, "decoder/recovery")
     ddn, dz0_skip = concat_backward(dd, c_cat)
     dz = norm_backward(ddn, c_dn, grads, "decoder/norm")
-    for c in reversed(c_blocks):
-        dz = mixer_block_backward(dz, c, grads)
+    for n in reversed(range(len(c_blocks))):  # last block first
+        dz = mixer_block_backward(dz, c_blocks[n], grads)
+        if release:
+            c_blocks.pop()
     dz0 = dz + dz0_skip  # Z0 fans out to the blocks and to the decoder skip
-    dx = patchify_backward(dense_backward(dz0, c_enc, grads, "encoder"), pl, pw, h, W)
+    dX = dense_backward(dz0, c_enc, grads, "encoder", need_dx)
+    if not need_dx:
+        return grads, None
+    dx = patchify_backward(dX, pl, pw, h, W)
     dx[:, :nv] += dx_head  # x fans out to the encoder and to the head
     return grads, dx
 

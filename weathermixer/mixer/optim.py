@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from weathermixer.autograd.xp import get_array_module
+from weathermixer.autograd.xp import elementwise_kernel, get_array_module, is_device_array
 from weathermixer.jigsaw import ops
 
 
@@ -31,6 +31,34 @@ def global_grad_norm(grads: dict, layout) -> float:
             local += float(get_array_module(g).vdot(g, g))
     total = ops.allreduce_sum(np.array([local]), grid.model, tag="grad_norm")  # host scalar
     return math.sqrt(float(total[0]))
+
+
+_ADAMW = """
+T gs = g * scale;
+m = b1 * m + (T(1) - b1) * gs;
+v = b2 * v + (T(1) - b2) * gs * gs;
+p = p * decay - lr_c1 * m / (sqrt(v / c2) + eps);
+"""
+
+
+def adamw_update(p, m, v, g, scale, b1, b2, lr_c1, c2, eps, decay):
+    """In place: m, v <- the moments of the clipped gradient g * scale; p <- the AdamW step.
+    One fused pass over (p, m, v, g) on GPUs; the same formula in numpy on CPUs."""
+    if is_device_array(p):
+        t = p.dtype.type
+        elementwise_kernel("wm_adamw", "T g, T scale, T b1, T b2, T lr_c1, T c2, T eps, T decay",
+                           "T p, T m, T v", _ADAMW)(g, t(scale), t(b1), t(b2), t(lr_c1), t(c2),
+                                                     t(eps), t(decay), p, m, v)
+        return
+    xp = get_array_module(p)
+    gs = g * scale if scale != 1.0 else g
+    m *= b1
+    m += (1.0 - b1) * gs
+    v *= b2
+    v += (1.0 - b2) * (gs * gs)
+    if decay != 1.0:
+        p *= decay
+    p -= lr_c1 * m / (xp.sqrt(v / c2) + eps)
 
 
 class AdamW:
@@ -59,16 +87,10 @@ class AdamW:
         c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
         for name, p in params.items():
             xp = get_array_module(p)
-            g = grads[name] * scale if scale != 1.0 else grads[name]
             m = self.m.setdefault(name, xp.zeros_like(p))
             v = self.v.setdefault(name, xp.zeros_like(p))
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            if self.weight_decay and p.ndim == 2:
-                p *= 1.0 - self.lr * self.weight_decay
-            p -= (self.lr / c1) * m / (xp.sqrt(v / c2) + self.eps)
+            decay = 1.0 - self.lr * self.weight_decay if p.ndim == 2 else 1.0
+            adamw_update(p, m, v, grads[name], scale, b1, b2, self.lr / c1, c2, self.eps, decay)
         return {"grad_norm": norm, "clip_scale": scale, "skipped": False}
 
     def state(self) -> dict:
