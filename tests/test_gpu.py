@@ -62,3 +62,17 @@ def test_two_way_on_two_gpus_equals_one_gpu(tmp_path):
     _, one = _losses(tmp_path, "one", *EXACT)
     _, two = _losses(tmp_path, "two", *EXACT, "--jigsaw", "2", n=2)
     assert max_relative_difference(one / "last.h5", two / "last.h5") < 1e-10
+
+
+def test_fused_adamw_equals_the_numpy_formula():
+    from weathermixer.mixer.optim import adamw_update
+    cp = module("cupy")
+    rng = np.random.default_rng(3)
+    p, m, g = (rng.standard_normal((5, 7)) for _ in range(3))
+    v = rng.uniform(0.1, 1.0, (5, 7))
+    args = (0.7, 0.9, 0.999, 1e-3 / 0.1, 1 - 0.999 ** 3, 1e-8, 0.99)
+    dev = [cp.asarray(a) for a in (p, m, v)]
+    adamw_update(*dev, cp.asarray(g), *args)
+    adamw_update(p, m, v, g, *args)
+    for d, h in zip(dev, (p, m, v)):
+        assert np.abs(cp.asnumpy(d) - h).max() < 1e-14
