@@ -47,6 +47,16 @@ def test_gather_and_scatter_sum_are_adjoint_pairs(pd, pc, group_name, axis):
 
 @pytest.mark.parametrize("pd,pc", GRIDS)
 @pytest.mark.parametrize("group_name", ["channel", "domain", "model", "data"])
+def test_scatter_parts_and_its_adjoint(pd, pc, group_name):
+    group = make_grid(pd, pc).group(group_name)
+    rng = _rng()
+    parts, block = rng.normal(size=(group.size, 3, 5)), rng.normal(size=(3, 5))
+    _check_pair(lambda a: ops.scatter_parts(a, group), lambda b: ops.scatter_parts_adjoint(b, group),
+                parts, block, "scatter_parts")
+
+
+@pytest.mark.parametrize("pd,pc", GRIDS)
+@pytest.mark.parametrize("group_name", ["channel", "domain", "model", "data"])
 def test_allreduce_is_self_adjoint(pd, pc, group_name):
     group = make_grid(pd, pc).group(group_name)
     rng = _rng()

@@ -13,21 +13,23 @@ import numpy as np
 from weathermixer.autograd.xp import get_array_module
 
 
-def matmul(a, b):
-    """a [..., m, k] @ b [k, n] -> [..., m, n] as 2-D GEMMs.
+def matmul(a, b, out=None):
+    """a [..., m, k] @ b [k, n] -> [..., m, n] as 2-D GEMMs (into `out` if given, C-contiguous).
 
     2-D products take transposed views without a copy (BLAS transpose flags), and CuPy runs
     them in the precision set by `set_matmul_precision` (its batched path ignores TF32). A
     C-contiguous batch is one tall GEMM; any other batch is a loop of 2-D GEMMs."""
-    if a.ndim == 2:
-        return a @ b
-    lead, (m, k) = a.shape[:-2], a.shape[-2:]
-    if a.flags.c_contiguous:
-        return (a.reshape(-1, k) @ b).reshape(lead + (m, b.shape[-1]))
     xp = get_array_module(a)
-    out = xp.empty(lead + (m, b.shape[-1]), dtype=xp.result_type(a, b))  # [..., m, n]
-    for i in np.ndindex(*lead):
-        xp.matmul(a[i], b, out=out[i])
+    lead, (m, k) = a.shape[:-2], a.shape[-2:]
+    if out is None:
+        out = xp.empty(lead + (m, b.shape[-1]), dtype=xp.result_type(a, b))  # [..., m, n]
+    if a.ndim == 2:
+        xp.matmul(a, b, out=out)
+    elif a.flags.c_contiguous:
+        xp.matmul(a.reshape(-1, k), b, out=out.reshape(-1, b.shape[-1]))
+    else:
+        for i in np.ndindex(*lead):
+            xp.matmul(a[i], b, out=out[i])
     return out
 
 

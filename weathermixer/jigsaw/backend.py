@@ -69,6 +69,12 @@ class LocalGroup:
     def reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
         return x
 
+    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
+        return parts[0]
+
+    def allgather_parts(self, x, tag: str = "allgather"):
+        return x[None]
+
     def bcast(self, x, root: int = 0, tag: str = "bcast"):
         return x
 
@@ -150,6 +156,29 @@ class MPIGroup:
         out = to_module(np.moveaxis(recv, 0, axis), xp)
         COMM_LOG.record(tag, send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
         return out
+
+    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
+        """parts [size, ...]: one equal-shaped block per member; returns the sum over members
+        of block `rank` [...]. No transpose: the blocks are already whole on the wire."""
+        if self.size == 1:
+            return parts[0]
+        xp, t0 = get_array_module(parts), time.perf_counter()
+        send = self._host(parts)
+        recv = np.empty(send.shape[1:], dtype=send.dtype)
+        self.comm.Reduce_scatter_block(send, recv, op=self.MPI.SUM)
+        COMM_LOG.record(tag, send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
+        return to_module(recv, xp)
+
+    def allgather_parts(self, x, tag: str = "allgather"):
+        """x [...] (equal shapes on all members) -> [size, ...] in group-rank order."""
+        if self.size == 1:
+            return x[None]
+        xp, t0 = get_array_module(x), time.perf_counter()
+        send = self._host(x)
+        recv = np.empty((self.size,) + send.shape, dtype=send.dtype)
+        self.comm.Allgather(send, recv)
+        COMM_LOG.record(tag, send.nbytes * (self.size - 1), time.perf_counter() - t0)
+        return to_module(recv, xp)
 
     def bcast(self, x, root: int = 0, tag: str = "bcast"):
         if self.size == 1:
@@ -308,3 +337,31 @@ class NCCLGroup(MPIGroup):
 
         self._timed(tag, send.nbytes * (self.size - 1) / self.size, run)
         return xp.moveaxis(recv[:sizes[self.rank]], 0, axis)
+
+    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
+        if self.size == 1 or not is_device_array(parts):
+            return super().reduce_scatter_parts(parts, tag)
+        xp = get_array_module(parts)
+        send = xp.ascontiguousarray(parts)
+        recv = xp.empty(send.shape[1:], dtype=send.dtype)
+
+        def run():
+            self.nccl.reduceScatter(send.data.ptr, recv.data.ptr, recv.size, self._dtype(recv),
+                                    self._nccl.NCCL_SUM, self._stream())
+            return recv
+
+        return self._timed(tag, send.nbytes * (self.size - 1) / self.size, run)
+
+    def allgather_parts(self, x, tag: str = "allgather"):
+        if self.size == 1 or not is_device_array(x):
+            return super().allgather_parts(x, tag)
+        xp = get_array_module(x)
+        send = xp.ascontiguousarray(x)
+        recv = xp.empty((self.size,) + send.shape, dtype=send.dtype)
+
+        def run():
+            self.nccl.allGather(send.data.ptr, recv.data.ptr, send.size, self._dtype(send),
+                                self._stream())
+            return recv
+
+        return self._timed(tag, send.nbytes * (self.size - 1), run)

@@ -36,8 +36,9 @@ from __future__ import annotations
 import dataclasses
 
 from weathermixer.autograd.linear import contract_leading, linear_forward, matmul
+from weathermixer.autograd.xp import get_array_module
 from weathermixer.jigsaw import ops
-from weathermixer.jigsaw.shard import Partition
+from weathermixer.jigsaw.shard import Partition, offsets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +55,27 @@ def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition
     """Y = X W^T: X [.., R_r, K_c], W [N_r, K_c] -> (Y [.., R_r, N_c], cache)."""
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
-    partial, _ = linear_forward(x, wg)  # [.., R_r, N], partial over the K parts
-    y = ops.scatter_sum(partial, cols, -1, out_cols, tag="xwt.scatter_y")  # [.., R_r, N_c]
+    if cols.size == 1:
+        y, _ = linear_forward(x, wg)  # [.., R_r, N]
+    else:
+        parts = _partial_parts(x, wg, out_cols.sizes)  # [Pc, .., R_r, m]: X W[N_p]^T
+        y = ops.scatter_parts(parts, cols, tag="xwt.scatter_y")[..., :out_cols.size(cols.rank)]
     return y, (x, w, grid, frame, w_rows, out_cols)
+
+
+def _partial_parts(x, wg, sizes):
+    """The partial products X W[N_p]^T of every output part p, stacked on a leading axis and
+    padded to the largest part: [parts, .., R, max(sizes)], ready for a reduce-scatter."""
+    xp = get_array_module(x)
+    m, o = max(sizes), offsets(sizes)
+    even = all(s == m for s in sizes)
+    parts = (xp.empty if even else xp.zeros)((len(sizes),) + x.shape[:-1] + (m,), dtype=x.dtype)
+    for p, s in enumerate(sizes):
+        if even:
+            matmul(x, wg[o[p]:o[p + 1]].T, out=parts[p])
+        else:
+            parts[p, ..., :s] = matmul(x, wg[o[p]:o[p + 1]].T)
+    return parts
 
 
 def xwt_backward(dy, cache, need_dx: bool = True):
@@ -64,18 +83,39 @@ def xwt_backward(dy, cache, need_dx: bool = True):
     Without `need_dx` (the first layer), dX is None and its GEMM is skipped.
 
     The W panel is gathered again rather than cached: one more exchange instead of holding a
-    gathered panel per layer between forward and backward.
+    gathered panel per layer between forward and backward. dY's blocks arrive stacked on a
+    leading axis and are used block by block, so nothing is transposed.
     """
     x, w, grid, frame, w_rows, out_cols = cache
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
-    dyg = ops.scatter_sum_adjoint(dy, cols, -1, out_cols, tag="xwt.gather_dy")  # [.., R_r, N]
+    sizes, o = out_cols.sizes, offsets(out_cols.sizes)
+    if cols.size == 1:
+        blocks = [dy]  # [.., R_r, N]
+    else:
+        m = max(sizes)
+        mine = dy if dy.shape[-1] == m else _pad_last(dy, m)
+        stacked = ops.scatter_parts_adjoint(mine, cols, tag="xwt.gather_dy")  # [Pc, .., R_r, m]
+        blocks = [stacked[p][..., :s] for p, s in enumerate(sizes)]  # dY[.., R_r, N_p]
+    xp = get_array_module(dy)
     dx = None
     if need_dx:
         wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
-        dx = matmul(dyg, wg)  # [.., R_r, K_c]
-    dwg = contract_leading(dyg, x)  # [N, K_c], partial over R parts
+        for p, g in enumerate(blocks):
+            term = matmul(g, wg[o[p]:o[p + 1]])  # [.., R_r, K_c]
+            dx = term if dx is None else dx + term
+    dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R parts
+    for p, g in enumerate(blocks):
+        dwg[o[p]:o[p + 1]] = contract_leading(g, x)
     dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
     return dx, dw
+
+
+def _pad_last(a, m: int):
+    """a [.., s] -> [.., m], zeros after s (uneven parts travel padded to one shape)."""
+    xp = get_array_module(a)
+    out = xp.zeros(a.shape[:-1] + (m,), dtype=a.dtype)
+    out[..., :a.shape[-1]] = a
+    return out
 
 
 def xw_forward(x, w, grid, frame: Frame, a_x: Partition, a_w: Partition):

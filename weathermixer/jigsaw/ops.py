@@ -9,6 +9,7 @@ partials. Under this convention
 
     gather          (allgather)       <->  gather_adjoint          (reduce-scatter)
     scatter_sum     (reduce-scatter)  <->  scatter_sum_adjoint     (allgather)
+    scatter_parts   (reduce-scatter)  <->  scatter_parts_adjoint   (allgather)
     allreduce_sum   (allreduce)       <->  allreduce_sum           (self-adjoint)
 
 and the adjoint test <F x, y> = <x, F* y> (sums over ranks) holds for each pair
@@ -40,6 +41,18 @@ def scatter_sum(x, group, axis: int, part: Partition, tag: str = "scatter_sum"):
 def scatter_sum_adjoint(dy, group, axis: int, part: Partition, tag: str = "scatter_sum_adjoint"):
     """forward: allgather along `axis` over `group` (the adjoint of `scatter_sum`)."""
     return group.allgather(dy, axis, part.sizes, tag=tag)
+
+
+def scatter_parts(parts, group, tag: str = "scatter_parts"):
+    """forward: reduce-scatter of a stack of per-member partial blocks [size, ...] over
+    `group` -> this member's block [...]; backward: `scatter_parts_adjoint`.
+    The parts axis leads, so nothing is transposed for the wire (blocks padded to one shape)."""
+    return group.reduce_scatter_parts(parts, tag=tag)
+
+
+def scatter_parts_adjoint(dy, group, tag: str = "scatter_parts_adjoint"):
+    """forward: allgather of equal-shaped blocks over `group` -> [size, ...]."""
+    return group.allgather_parts(dy, tag=tag)
 
 
 def allreduce_sum(x, group, tag: str = "allreduce_sum"):
