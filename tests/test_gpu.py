@@ -76,3 +76,12 @@ def test_fused_adamw_equals_the_numpy_formula():
     adamw_update(p, m, v, g, *args)
     for d, h in zip(dev, (p, m, v)):
         assert np.abs(cp.asnumpy(d) - h).max() < 1e-14
+
+
+def test_four_way_with_ranks_sharing_gpus_equals_one_gpu(tmp_path):
+    """4 ranks on fewer GPUs: NCCL refuses two ranks of a communicator on one GPU, so the
+    groups stage through host MPI; the 2x2 run still ends where 1 GPU ends (float64)."""
+    from tests.test_train_cli import EXACT, max_relative_difference
+    _, one = _losses(tmp_path, "one", *EXACT)
+    _, four = _losses(tmp_path, "four", *EXACT, "--jigsaw", "4", n=4)
+    assert max_relative_difference(one / "last.h5", four / "last.h5") < 1e-10
