@@ -55,6 +55,23 @@ def main():
         2 * (2 * T * Mt * E) + 2 * (2 * T * E * Mc))
     add("block backward", lambda: model.mixer_block_backward(y, cache, {}),
         2 * (2 * (2 * T * Mt * E) + 2 * (2 * T * E * Mc)))
+    _, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2 = cache  # mixer_block_forward's caches
+    b = "blocks/0/"
+
+    def token_backward():
+        dh1 = model.dense_backward(y.swapaxes(-1, -2), c_t2, {}, b + "token_mixing/fc2")
+        dut = model.dense_backward(activation.gelu_backward(dh1, c_g1), c_t1, {},
+                                   b + "token_mixing/fc1")
+        return model.norm_backward(dut.swapaxes(-1, -2), c_tn, {}, b + "token_norm")
+
+    def channel_backward():
+        dg = model.dense_backward(y, c_c2, {}, b + "channel_mixing/fc2")
+        du = model.dense_backward(activation.gelu_backward(dg, c_g2), c_c1, {},
+                                  b + "channel_mixing/fc1")
+        return model.norm_backward(du, c_cn, {}, b + "channel_norm")
+
+    add("token-mixing backward", token_backward, 2 * (2 * T * Mt * E))
+    add("channel-mixing backward", channel_backward, 2 * (2 * T * Mc * E))
     u = cp.asarray(rng.standard_normal((1, E, Mt), dtype=np.float32))
     add("token fc1 (dense)", lambda: model.dense_forward(z.swapaxes(-1, -2), params,
                                                          "blocks/0/token_mixing/fc1", lay),

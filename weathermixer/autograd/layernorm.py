@@ -67,6 +67,7 @@ def layernorm_backward(dout, cache):
     """Gradients (du, dscale, dbias). dscale and dbias are sums over this rank's rows only."""
     xhat, rstd, scale, axis, n, allreduce = cache
     xp = get_array_module(dout)
+    dout = xp.ascontiguousarray(dout)  # one copy of a transposed view, then unit-stride passes
     g = dout * _along(scale, dout.ndim, axis)
     r = xp.stack([g.sum(axis=axis, keepdims=True),  # reduction R1
                   (g * xhat).sum(axis=axis, keepdims=True)])  # reduction R2; [2, .., 1, ..]

@@ -96,16 +96,22 @@ def xwt_backward(dy, cache, need_dx: bool = True):
         mine = dy if dy.shape[-1] == m else _pad_last(dy, m)
         stacked = ops.scatter_parts_adjoint(mine, cols, tag="xwt.gather_dy")  # [Pc, .., R_r, m]
         blocks = [stacked[p][..., :s] for p, s in enumerate(sizes)]  # dY[.., R_r, N_p]
-    xp = get_array_module(dy)
     dx = None
     if need_dx:
         wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
         for p, g in enumerate(blocks):
             term = matmul(g, wg[o[p]:o[p + 1]])  # [.., R_r, K_c]
-            dx = term if dx is None else dx + term
-    dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R parts
-    for p, g in enumerate(blocks):
-        dwg[o[p]:o[p + 1]] = contract_leading(g, x)
+            if dx is None:
+                dx = term
+            else:
+                dx += term
+    if len(blocks) == 1:
+        dwg = contract_leading(blocks[0], x)  # [N, K_c], partial over R parts
+    else:
+        xp = get_array_module(dy)
+        dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R parts
+        for p, g in enumerate(blocks):
+            dwg[o[p]:o[p + 1]] = contract_leading(g, x)
     dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
     return dx, dw
 
