@@ -4,8 +4,9 @@
     GELU(u)  = 0.5 u (1 + t)
     GELU'(u) = 0.5 (1 + t) + 0.5 u (1 - t^2) sqrt(2/pi) (1 + 3 a u^2)
 
-On GPUs each direction is one fused kernel (one read, one write); on CPUs the same formula in
-numpy. Only the input is cached: t is recomputed in backward.
+Forward computes GELU'(u) beside GELU(u) and caches it instead of u (the same memory), so
+tanh is evaluated once and backward is one multiply. On GPUs forward is one fused kernel; on
+CPUs the same formula in numpy, in place on its temporaries.
 """
 from __future__ import annotations
 
@@ -16,24 +17,39 @@ from weathermixer.autograd.xp import elementwise_kernel, get_array_module, is_de
 _C = math.sqrt(2.0 / math.pi)
 _A = 0.044715
 
-_FORWARD = f"T t = tanh(T({_C!r}) * (u + T({_A!r}) * u * u * u)); y = T(0.5) * u * (T(1) + t);"
-_BACKWARD = (f"T t = tanh(T({_C!r}) * (u + T({_A!r}) * u * u * u)); "
-             f"du = dy * (T(0.5) * (T(1) + t) + T(0.5) * u * (T(1) - t * t) * T({_C!r}) "
-             f"* (T(1) + T({3 * _A!r}) * u * u));")
+_FORWARD = (f"T t = tanh(T({_C!r}) * (u + T({_A!r}) * u * u * u)); "
+            f"y = T(0.5) * u * (T(1) + t); "
+            f"d = T(0.5) * (T(1) + t) + T(0.5) * u * (T(1) - t * t) * T({_C!r}) "
+            f"* (T(1) + T({3 * _A!r}) * u * u);")
 
 
 def gelu_forward(u):
-    """Returns (GELU(u), cache = u)."""
+    """Returns (GELU(u), cache = GELU'(u))."""
     if is_device_array(u):
-        return elementwise_kernel("wm_gelu_fwd", "T u", "T y", _FORWARD)(u), u
-    t = get_array_module(u).tanh(_C * (u + _A * u * u * u))
-    return 0.5 * u * (1.0 + t), u
+        return elementwise_kernel("wm_gelu", "T u", "T y, T d", _FORWARD)(u)
+    xp = get_array_module(u)
+    u2 = u * u
+    t = u2 * _A  # a u^2
+    t += 1.0
+    t *= u
+    t *= _C
+    xp.tanh(t, out=t)  # t = tanh(C (u + a u^3))
+    y = t + 1.0
+    y *= u
+    y *= 0.5  # GELU(u)
+    d = t * t
+    xp.subtract(1.0, d, out=d)
+    d *= u
+    u2 *= 3.0 * _A
+    u2 += 1.0
+    d *= u2
+    d *= 0.5 * _C  # 0.5 u (1 - t^2) C (1 + 3 a u^2)
+    t += 1.0
+    t *= 0.5
+    d += t  # + 0.5 (1 + t)
+    return y, d
 
 
-def gelu_backward(dy, u):
-    """dy * GELU'(u)."""
-    if is_device_array(u):
-        return elementwise_kernel("wm_gelu_bwd", "T dy, T u", "T du", _BACKWARD)(dy, u)
-    t = get_array_module(u).tanh(_C * (u + _A * u * u * u))
-    dt = (1.0 - t * t) * _C * (1.0 + 3.0 * _A * u * u)
-    return dy * (0.5 * (1.0 + t) + 0.5 * u * dt)
+def gelu_backward(dy, dgelu):
+    """dy * GELU'(u), with GELU'(u) cached by forward."""
+    return dy * dgelu

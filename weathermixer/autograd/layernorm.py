@@ -37,12 +37,22 @@ def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
     xp = get_array_module(u)
     axis = axis % u.ndim
     n = u.shape[axis] if count is None else count
-    mean = allreduce(u.sum(axis=axis, keepdims=True)) / n  # reduction S1; [.., 1, ..]
+    mean = allreduce(_sum_along(u, axis)) / n  # reduction S1; [.., 1, ..]
     d = u - mean
-    var = allreduce((d * d).sum(axis=axis, keepdims=True)) / n  # reduction S2
+    var = allreduce(_sum_along(d * d, axis)) / n  # reduction S2
     rstd = 1.0 / xp.sqrt(var + EPS)  # [.., 1, ..]
     xhat, out = _normalise(d, rstd, _along(scale, u.ndim, axis), _along(bias, u.ndim, axis))
     return out, (xhat, rstd, scale, axis, n, allreduce)
+
+
+def _sum_along(a, axis: int):
+    """a.sum(axis, keepdims=True). On the host, a sum over the last, contiguous axis is one
+    BLAS matrix-vector product with a ones vector (numpy's row sums are slower); CuPy's own
+    reduction kernels stay on the device, in full precision whatever the matmul mode."""
+    if not is_device_array(a) and axis == a.ndim - 1 and a.flags.c_contiguous:
+        xp = get_array_module(a)
+        return (a @ xp.ones(a.shape[-1], dtype=a.dtype))[..., None]
+    return a.sum(axis=axis, keepdims=True)
 
 
 def _normalise(d, rstd, scale, bias):
@@ -69,8 +79,8 @@ def layernorm_backward(dout, cache):
     xp = get_array_module(dout)
     dout = xp.ascontiguousarray(dout)  # one copy of a transposed view, then unit-stride passes
     g = dout * _along(scale, dout.ndim, axis)
-    r = xp.stack([g.sum(axis=axis, keepdims=True),  # reduction R1
-                  (g * xhat).sum(axis=axis, keepdims=True)])  # reduction R2; [2, .., 1, ..]
+    r = xp.stack([_sum_along(g, axis),  # reduction R1
+                  _sum_along(g * xhat, axis)])  # reduction R2; [2, .., 1, ..]
     r1, r2 = allreduce(r)
     du = _input_gradient(g, xhat, rstd, r1, r2, n)
     dscale = sum_except(dout * xhat, axis)  # [C]

@@ -34,12 +34,14 @@ def matmul(a, b, out=None):
 
 
 def contract_leading(a, b):
-    """sum over every axis but the last of a[..., n] b[..., k] -> [n, k] (dW of a GEMM),
-    as one 2-D GEMM per index of the axes before the last two."""
+    """sum over every axis but the last of a[..., n] b[..., k] -> [n, k] (dW of a GEMM): one
+    tall GEMM for C-contiguous operands, else one 2-D GEMM per index of the leading axes."""
     if a.ndim == 2:
         return a.T @ b
     if a.ndim == 1:
         return a[:, None] * b[None, :]
+    if a.flags.c_contiguous and b.flags.c_contiguous:  # the batch is one tall GEMM
+        return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
     out = None
     for i in np.ndindex(*a.shape[:-2]):
         term = a[i].T @ b[i]  # [n, k]

@@ -87,3 +87,19 @@ def elementwise_kernel(name: str, in_params: str, out_params: str, body: str):
     if name not in _KERNELS:
         _KERNELS[name] = _cupy.ElementwiseKernel(in_params, out_params, body, name)
     return _KERNELS[name]
+
+
+def tune_host_allocator() -> bool:
+    """Keep freed large blocks in the process (glibc malloc): numpy's temporaries of a step are
+    then reused instead of being returned to the system and faulted in again on every call.
+    Sets M_MMAP_THRESHOLD = 32 MiB and M_TRIM_THRESHOLD = 1 GiB through mallopt; a no-op
+    (returns False) where the C library is not glibc. The command-line tools call it once."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))

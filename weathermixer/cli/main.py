@@ -12,6 +12,8 @@ import traceback
 
 import click
 
+from weathermixer.autograd.xp import tune_host_allocator
+
 from weathermixer.cli.bench import bench
 from weathermixer.cli.gradcheck import gradcheck
 from weathermixer.cli.train import train
@@ -45,6 +47,7 @@ def _world_rank() -> int:
 
 def main(argv=None):
     """Console-script entry point: run the click group, aborting the MPI job on any error."""
+    tune_host_allocator()
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as e:

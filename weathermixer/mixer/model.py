@@ -47,7 +47,8 @@ def dense_forward(x, params, name, layout):
     """y = x @ W.T + b as the distributed `xwt` of `layout.dense[kind]`."""
     d = layout.dense[_kind(name)]
     y, cache = xwt_forward(x, params[name + "/weight"], layout.grid, d.frame, d.w_rows, d.out_cols)
-    return y + params[name + "/bias"], cache
+    y += params[name + "/bias"]  # y is a fresh array of this call
+    return y, cache
 
 
 def dense_backward(dy, cache, grads, name, need_dx: bool = True):
