@@ -23,7 +23,8 @@ from weathermixer.autograd.linear import (linear_backward, linear_forward, token
                                           token_linear_forward)
 from weathermixer.autograd.loss import weighted_sse_backward, weighted_sse_forward
 from weathermixer.autograd.shape import (concat_backward, concat_forward, patchify,
-                                         patchify_backward, split, unpatchify, unpatchify_backward)
+                                         patchify_backward, residual_backward, residual_forward,
+                                         split, unpatchify, unpatchify_backward)
 from weathermixer.autograd.xp import cupy_available, module, to_host
 
 TOL = 1e-6
@@ -72,6 +73,8 @@ CASES = [
     # split's backward is the concat of the two upstream gradients
     Case("split", ((B, 5, 7),), _no_cache(lambda x: split(x, 2, 1)),
          lambda v, c: (concat_forward(v[0], v[1], 1)[0],)),
+    Case("residual", ((B, 5, 7), (B, 5, 7)), _no_cache(residual_forward),
+         lambda v, c: residual_backward(v)),
     Case("weighted_sse", ((B, V, H, W), (B, V, H, W), (H,), (V,)),
          lambda y, t, lw, vw: weighted_sse_forward(y, t, lw, vw, 7.0),
          lambda v, c: (weighted_sse_backward(v, c),), positive=(2, 3)),

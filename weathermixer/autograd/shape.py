@@ -4,7 +4,7 @@
                 X[b, a*(W/pw) + c, (v*pl + i)*pw + j] = x[b, v, a*pl + i, c*pw + j]
     unpatchify: the inverse permutation.
 
-These are permutations, so each one's backward is the other. `H` may be a band of rows (a
+Patchify and unpatchify are permutations, so each one's backward is the other. `H` may be a band of rows (a
 rank's domain part): the token index is row-major within whatever rows are passed.
 """
 from __future__ import annotations
@@ -57,7 +57,12 @@ def split(x, first: int, axis: int):
     return a, x[tuple(ix)]
 
 
-def residual_forward(z, f):
-    """z + f(z): the residual stream. Backward sends dout to both branches unchanged;
-    the caller adds the branch gradient to the stream's (a fan-out, summed explicitly)."""
-    return z + f
+def residual_forward(z, branch):
+    """z + branch: the residual stream (branch = f(z) computed by the caller)."""
+    return z + branch
+
+
+def residual_backward(dout):
+    """(dz, dbranch) = (dout, dout). z also feeds the branch, so the caller adds the gradient
+    that comes back through the branch to dz: a fan-out, summed explicitly."""
+    return dout, dout

@@ -27,7 +27,8 @@ from __future__ import annotations
 from weathermixer.autograd.activation import gelu_backward, gelu_forward
 from weathermixer.autograd.linear import sum_except
 from weathermixer.autograd.shape import (concat_backward, concat_forward, patchify,
-                                         patchify_backward, unpatchify, unpatchify_backward)
+                                         patchify_backward, residual_backward, residual_forward,
+                                         unpatchify, unpatchify_backward)
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.layernorm import layernorm_backward, layernorm_forward
 from weathermixer.jigsaw.matmul import xwt_backward, xwt_forward
@@ -78,21 +79,23 @@ def mixer_block_forward(z, params, n, layout):
     a1, c_t1 = dense_forward(u.swapaxes(-1, -2), params, b + "token_mixing/fc1", layout)
     h1, c_g1 = gelu_forward(a1)  # [B, E_loc, Mt_loc]
     o, c_t2 = dense_forward(h1, params, b + "token_mixing/fc2", layout)  # [B, E_loc, T_loc]
-    z = z + o.swapaxes(-1, -2)  # [B, T_loc, E_loc]
+    z = residual_forward(z, o.swapaxes(-1, -2))  # [B, T_loc, E_loc]
     u, c_cn = norm_forward(z, params, b + "channel_norm", layout, -1, E)
     a2, c_c1 = dense_forward(u, params, b + "channel_mixing/fc1", layout)
     g, c_g2 = gelu_forward(a2)  # [B, T_loc, Mc_loc]
     o2, c_c2 = dense_forward(g, params, b + "channel_mixing/fc2", layout)  # [B, T_loc, E_loc]
-    return z + o2, (n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2)
+    return residual_forward(z, o2), (n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2)
 
 
 def mixer_block_backward(dz, cache, grads):
     n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2 = cache
     b = f"blocks/{n}/"
-    dg = dense_backward(dz, c_c2, grads, b + "channel_mixing/fc2")
+    dz, dbranch = residual_backward(dz)
+    dg = dense_backward(dbranch, c_c2, grads, b + "channel_mixing/fc2")
     du = dense_backward(gelu_backward(dg, c_g2), c_c1, grads, b + "channel_mixing/fc1")
-    dz = dz + norm_backward(du, c_cn, grads, b + "channel_norm")  # residual: both branches
-    dh1 = dense_backward(dz.swapaxes(-1, -2), c_t2, grads, b + "token_mixing/fc2")
+    dz = dz + norm_backward(du, c_cn, grads, b + "channel_norm")  # z fed the branch too
+    dz, dbranch = residual_backward(dz)
+    dh1 = dense_backward(dbranch.swapaxes(-1, -2), c_t2, grads, b + "token_mixing/fc2")
     dut = dense_backward(gelu_backward(dh1, c_g1), c_t1, grads, b + "token_mixing/fc1")
     return dz + norm_backward(dut.swapaxes(-1, -2), c_tn, grads, b + "token_norm")
 
