@@ -111,7 +111,6 @@ def main():
     opt = AdamW(lr=1e-5)
     grads = {k: v.copy() for k, v in params.items()}
     add("AdamW step (all params)", lambda: opt.step(params, grads, lay))
-    del grads, opt
     yf, cf = model.forward(params, x, lay, 1)
     add("whole forward", lambda: model.forward(params, x, lay, 1))
     add("whole backward", lambda: model.backward(yf, cf))

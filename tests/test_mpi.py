@@ -46,11 +46,8 @@ def run_under_mpi(n: int, args: list[str], limit: int = LIMIT_S, env=None):
 
 def pytest_mpi_flags() -> list[str]:
     """pytest-mpi (the `dev` extra) runs its marked tests only with --with-mpi."""
-    try:
-        import pytest_mpi  # noqa: F401
-    except ImportError:
-        return []
-    return ["--with-mpi"]
+    import importlib.util
+    return ["--with-mpi"] if importlib.util.find_spec("pytest_mpi") else []
 
 
 @pytest.mark.parametrize("path,n", CASES, ids=[f"{p[:-3]}-n{n}" for p, n in CASES])

@@ -7,10 +7,8 @@ import click
 import numpy as np
 
 from weathermixer.cli.options import config_from_options, model_options
-from weathermixer.cli.train import check_request, grid_shape, setup_parallel, world_size
+from weathermixer.cli.train import check_request, grid_shape, make_layout, world_size
 from weathermixer.mixer.bench import run_bench
-from weathermixer.mixer.layout import Layout, LayoutError
-from weathermixer.cli.errors import JobConfigError
 
 # a mid-size default: 32 x 64 grid, patch 1 x 4, E = 256, Mt = 256, Mc = 512, 3 blocks
 DEFAULTS = dict(n_lat=32, n_lon=64, n_prognostic=5, n_static=1, patch_lat=1, patch_lon=4,
@@ -40,12 +38,8 @@ def bench(config, jigsaw, grid, batch, steps, warmup, rollout, dtype, device, pr
     n = world_size()
     check_request(n, pd, pc, None, batch)
     cfg = config_from_options(DEFAULTS, config, **size_flags)
-    try:
-        Layout._check_splittable(cfg, pd, pc)
-    except LayoutError as e:
-        raise JobConfigError(str(e)) from None
-    pgrid, xp = setup_parallel(pd, pc, n, device, precision)
-    layout = Layout(cfg, pgrid)
+    layout, xp = make_layout(cfg, pd, pc, n, device, precision)
+    pgrid = layout.grid
     row = run_bench(cfg, layout, batch, steps, warmup, dtype, xp=xp, rollout=rollout)
     rows = pgrid.world.gather_json(row)
     if pgrid.is_root:

@@ -17,8 +17,9 @@ import numpy as np
 from weathermixer.autograd import xp as xpmod
 from weathermixer.cli.errors import JobConfigError
 from weathermixer.cli.options import config_from_options, model_options
+from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.grid import LAYOUTS, ProcessGrid, node_placement, parse_grid
-from weathermixer.mixer.layout import Layout, LayoutError
+from weathermixer.mixer.layout import Layout, LayoutError, check_splittable
 from weathermixer.mixer.train import TrainSettings, train as run_training
 
 # The embedded default: a small model on a learnable synthetic task (see io/synthetic.py).
@@ -108,9 +109,19 @@ def normalisation(source, data, out_dir, grid):
                     break
                 except OSError:
                     continue
-    mean, std = grid.world.bcast(mean), grid.world.bcast(std)
+    mean, std = ops.broadcast(mean, grid.world), ops.broadcast(std, grid.world)
     source.set_stats(mean, std)
     return {"channels": list(source.channels), "mean": mean.tolist(), "std": std.tolist()}
+
+
+def make_layout(cfg, pd: int, pc: int, n: int, device: str, precision: str):
+    """(layout, xp) of this rank, after checking that `cfg` can be cut over the grid."""
+    try:
+        check_splittable(cfg, pd, pc)
+    except LayoutError as e:
+        raise JobConfigError(str(e)) from None
+    grid, xp = setup_parallel(pd, pc, n, device, precision)
+    return Layout(cfg, grid), xp
 
 
 def setup_parallel(pd: int, pc: int, n: int, device: str, precision: str):
@@ -178,12 +189,8 @@ def train(config, data, static, jigsaw, grid, replicas, batch, steps, lr, weight
     check_request(n, pd, pc, replicas, batch)
     static_names = [s for s in static.split(",") if s]
     source, cfg = open_source(data, static_names, size_flags, config, n_time, seed)
-    try:
-        Layout._check_splittable(cfg, pd, pc)
-    except LayoutError as e:
-        raise JobConfigError(str(e)) from None
-    pgrid, xp = setup_parallel(pd, pc, n, device, precision)
-    layout = Layout(cfg, pgrid)
+    layout, xp = make_layout(cfg, pd, pc, n, device, precision)
+    pgrid = layout.grid
     extra = {"data": list(data), "static": static_names}
     if data:
         extra["normalization"] = normalisation(source, data, out_dir, pgrid)

@@ -5,8 +5,8 @@
     attrs: format = "weathermixer-checkpoint", format_version, config (JSON), step,
            and `extra` (JSON: RNG seed, data position, normalisation, ...)
 
-A checkpoint is written to `<path>.tmp-<pid>`, flushed and fsynced, then renamed over `path`:
-a crash leaves either the old file or the new one, never half of one. Nothing is pickled.
+A checkpoint is written through `io.atomic.atomic_h5` (a temporary file, fsynced, renamed over
+`path`): a crash leaves either the old file or the new one, never half of one. Nothing is pickled.
 A reader takes any block of any array (`read_block`), so a run of any layout can resume from
 a checkpoint written by any other.
 """
@@ -20,6 +20,7 @@ import numpy as np
 
 from weathermixer.autograd.xp import to_host
 from weathermixer.config import Config, param_shapes
+from weathermixer.io.atomic import atomic_h5
 from weathermixer.jigsaw.shard import take
 
 FORMAT = "weathermixer-checkpoint"
@@ -33,27 +34,17 @@ class CheckpointError(ValueError):
 def save_checkpoint(path, params: dict, cfg: Config, optimizer: dict | None = None,
                     step: int = 0, extra: dict | None = None) -> None:
     """Write global arrays (numpy or CuPy) and metadata to `path`, atomically."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["config"] = cfg.to_json()
-            f.attrs["step"] = int(step)
-            f.attrs["extra"] = json.dumps(extra or {}, sort_keys=True)
-            for name, value in params.items():
-                f.create_dataset(f"params/{name}", data=to_host(value))
-            for state, arrays in (optimizer or {}).items():
-                for name, value in arrays.items():
-                    f.create_dataset(f"optimizer/{state}/{name}", data=to_host(value))
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_h5(path) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["config"] = cfg.to_json()
+        f.attrs["step"] = int(step)
+        f.attrs["extra"] = json.dumps(extra or {}, sort_keys=True)
+        for name, value in params.items():
+            f.create_dataset(f"params/{name}", data=to_host(value))
+        for state, arrays in (optimizer or {}).items():
+            for name, value in arrays.items():
+                f.create_dataset(f"optimizer/{state}/{name}", data=to_host(value))
 
 
 def open_checkpoint(path) -> h5py.File:

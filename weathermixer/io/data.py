@@ -29,6 +29,8 @@ import os
 import h5py
 import numpy as np
 
+from weathermixer.io.atomic import atomic_h5
+
 REQUIRED = ("fields", "channel", "lat", "lon")
 COORD_ATOL = 1e-4  # degrees: lat/lon of two files agree when closer than this
 
@@ -417,18 +419,10 @@ def save_stats(path, channels, mean, std) -> None:
     if mean.shape != names.shape or std.shape != names.shape:
         raise ValueError(f"save_stats: mean {mean.shape} and std {std.shape} must match "
                          f"{len(names)} channels")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w") as fh:
-            fh.create_dataset("channel", data=names)
-            fh.create_dataset("mean", data=mean)
-            fh.create_dataset("std", data=std)
-        with open(tmp, "rb+") as fd:
-            os.fsync(fd.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_h5(path) as fh:
+        fh.create_dataset("channel", data=names)
+        fh.create_dataset("mean", data=mean)
+        fh.create_dataset("std", data=std)
 
 
 def load_stats(path, channels) -> tuple[np.ndarray, np.ndarray]:

@@ -58,3 +58,9 @@ def scatter_parts_adjoint(dy, group, tag: str = "scatter_parts_adjoint"):
 def allreduce_sum(x, group, tag: str = "allreduce_sum"):
     """forward: allreduce-sum over `group`; backward: allreduce-sum (self-adjoint)."""
     return group.allreduce(x, "sum", tag=tag)
+
+
+def broadcast(x, group, root: int = 0, tag: str = "broadcast"):
+    """forward: root's array to every member of `group` (setup data such as normalisation
+    statistics; not differentiated)."""
+    return group.bcast(x, root=root, tag=tag)

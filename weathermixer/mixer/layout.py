@@ -48,13 +48,28 @@ class LayoutError(ValueError):
     """The model cannot be cut over the requested grid (an empty part somewhere)."""
 
 
+def check_splittable(cfg: Config, pd: int, pc: int) -> None:
+    """LayoutError unless every cut axis of `cfg` has a part for every rank of a pd x pc grid
+    (run on every rank before any collective, so all ranks fail alike)."""
+    needs = [("token rows n_lat/patch_lat", cfg.patch_rows, pd),
+             ("prognostic variables", cfg.n_prognostic, max(pd, pc)),
+             ("embed_dim", cfg.embed_dim, max(pd, pc)),
+             ("token_hidden_dim", cfg.token_hidden_dim, max(pd, pc)),
+             ("channel_hidden_dim", cfg.channel_hidden_dim, max(pd, pc)),
+             ("tokens", cfg.n_tokens, pc)]
+    for what, n, parts in needs:
+        if n < parts:
+            raise LayoutError(f"cannot split {what} = {n} into {parts} parts on a "
+                              f"{pd}x{pc} grid: some rank would hold nothing")
+
+
 class Layout:
     """Every partition and shard spec of `cfg` on `grid` (see the module docstring)."""
 
     def __init__(self, cfg: Config, grid):
         self.cfg, self.grid = cfg, grid
         pd, pc = grid.pd, grid.pc
-        self._check_splittable(cfg, pd, pc)
+        check_splittable(cfg, pd, pc)
         E, Mt, Mc, P, S = (cfg.embed_dim, cfg.token_hidden_dim, cfg.channel_hidden_dim,
                            cfg.n_prognostic, cfg.n_static)
         pix = cfg.patch_pixels
@@ -81,20 +96,6 @@ class Layout:
             "head/linear": Dense(STANDARD, self.V_d, self.V_c),
         }
         self.specs = self._param_specs()
-
-    # ---- validation --------------------------------------------------------------------
-    @staticmethod
-    def _check_splittable(cfg: Config, pd: int, pc: int):
-        needs = [("token rows n_lat/patch_lat", cfg.patch_rows, pd),
-                 ("prognostic variables", cfg.n_prognostic, max(pd, pc)),
-                 ("embed_dim", cfg.embed_dim, max(pd, pc)),
-                 ("token_hidden_dim", cfg.token_hidden_dim, max(pd, pc)),
-                 ("channel_hidden_dim", cfg.channel_hidden_dim, max(pd, pc)),
-                 ("tokens", cfg.n_tokens, pc)]
-        for what, n, parts in needs:
-            if n < parts:
-                raise LayoutError(f"cannot split {what} = {n} into {parts} parts on a "
-                                  f"{pd}x{pc} grid: some rank would hold nothing")
 
     # ---- shard specs -------------------------------------------------------------------
     def _param_specs(self) -> dict:
