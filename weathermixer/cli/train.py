@@ -25,7 +25,6 @@ from weathermixer.mixer.train import TrainSettings, train as run_training
 # The embedded default: a small model on a learnable synthetic task (see io/synthetic.py).
 DEFAULTS = dict(n_lat=16, n_lon=32, n_prognostic=4, n_static=1, patch_lat=2, patch_lon=4,
                 embed_dim=48, token_hidden_dim=64, channel_hidden_dim=96, n_blocks=2)
-DATA_FIELDS = ("n_lat", "n_lon", "n_prognostic", "n_static")
 
 
 def grid_shape(jigsaw: int, grid: str | None) -> tuple[int, int]:

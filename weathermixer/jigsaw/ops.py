@@ -16,7 +16,8 @@ and the adjoint test <F x, y> = <x, F* y> (sums over ranks) holds for each pair
 (tests/test_jigsaw_ops.py). A group of size 1 makes every operator the identity.
 
 A `Partition` gives the part sizes along the axis, in group-rank order; parts must be
-contiguous ranges in order (`Partition.is_contiguous`), so a gather is a concatenation.
+contiguous ranges in order (`Partition.even` / `Partition.contiguous`), so a gather is a
+concatenation.
 """
 from __future__ import annotations
 

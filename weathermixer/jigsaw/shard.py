@@ -90,12 +90,6 @@ class Partition:
     def sizes(self) -> list[int]:
         return [self.size(p) for p in range(self.count)]
 
-    @property
-    def is_contiguous(self) -> bool:
-        """True when the parts are consecutive ranges in order (allgather-able along the axis)."""
-        return all(isinstance(part, slice) for part in self.parts) and (
-            [pt.start for pt in self.parts] == offsets(self.sizes)[:-1])
-
 
 def _as_part(idx: np.ndarray):
     """A slice where the index set is a range, else the sorted index array."""
@@ -126,10 +120,6 @@ class ShardSpec:
         """The global index of the block held at grid coordinates {"domain": i, "channel": j}."""
         return tuple(slice(None) if s is None else s.partition.index(coords[s.group])
                      for s in self.splits)
-
-    def local_shape(self, coords: dict) -> tuple:
-        return tuple(n if s is None else s.partition.size(coords[s.group])
-                     for n, s in zip(self.shape, self.splits))
 
 
 def take(global_array, index: tuple):

@@ -22,12 +22,14 @@ def serial_layout(cfg: Config) -> Layout:
     return Layout(cfg, ProcessGrid.serial())
 
 
-def _prepare(params, x, cfg, layout, expected_channels):
+def _prepare(params, x, cfg, layout):
+    """(layout, xp, x): the layout (serial by default), the parameters' array module, and x
+    moved there in the parameters' dtype, after checking its shape against this rank's tile."""
     layout = serial_layout(cfg) if layout is None else layout
     w = params["encoder/weight"]
     xp = get_array_module(w)
     x = to_module(x, xp).astype(w.dtype, copy=False)
-    want = (expected_channels(layout), layout.n_lat_local, cfg.n_lon)
+    want = (len(layout.input_channels), layout.n_lat_local, cfg.n_lon)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         raise ValueError(f"input has shape {tuple(x.shape)}, expected [B, {want[0]}, {want[1]}, "
                          f"{want[2]}] (batch, variables, lat, lon) for this config and layout")
@@ -36,7 +38,7 @@ def _prepare(params, x, cfg, layout, expected_channels):
 
 def predict(params: dict, x, cfg: Config, rollout: int = 1, layout: Layout | None = None):
     """x [B, P+S, H, W] -> y [B, P, H, W] (this rank's tiles under a layout)."""
-    layout, _, x = _prepare(params, x, cfg, layout, lambda lo: len(lo.input_channels))
+    layout, _, x = _prepare(params, x, cfg, layout)
     y, _ = model.forward(params, x, layout, rollout)
     return y
 
@@ -44,7 +46,7 @@ def predict(params: dict, x, cfg: Config, rollout: int = 1, layout: Layout | Non
 def loss_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
                    lat_weights=None, var_weights=None, layout: Layout | None = None):
     """(L, grads): the weighted MSE of SPEC.md over the global batch and its gradient."""
-    layout, xp, x = _prepare(params, x, cfg, layout, lambda lo: len(lo.input_channels))
+    layout, xp, x = _prepare(params, x, cfg, layout)
     target = to_module(target, xp).astype(x.dtype, copy=False)
     nv = len(layout.prognostic_channels)
     if target.shape != (x.shape[0], nv) + x.shape[2:]:
