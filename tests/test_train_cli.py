@@ -113,3 +113,52 @@ def test_an_error_on_one_rank_aborts_the_job_quickly(tmp_path):
     cmd = mpiexec_command(2) + [sys.executable, str(script)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "rank 1 fails" in proc.stderr
+
+
+def _rank_pids(marker: str) -> list[int]:
+    """PIDs of the python processes whose command line contains `marker` (Linux /proc)."""
+    import os
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if cmd and b"python" in os.path.basename(cmd[0]) and marker.encode() in b" ".join(cmd):
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_stop_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, n):
+    """SIGTERM to one rank: all ranks agree to stop after the same step and save last.h5."""
+    import os
+    import signal
+    import time
+    out = tmp_path / f"signalled-{n}"
+    args = ["-m", "weathermixer", "train", "--steps", "100000", "--out", str(out), "--log-every",
+            "1"]
+    if n == 1:
+        cmd = [sys.executable] + args
+    else:
+        cmd = mpiexec_command(n) + [sys.executable, "-m", "mpi4py"] + args + ["--jigsaw", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or
+                                      len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    pids = _rank_pids(str(out))
+    assert len(pids) == n, pids
+    os.kill(max(pids), signal.SIGTERM)  # one rank only (the last started)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert "stop requested" in stdout
+    steps = len(metrics.read_text().splitlines())
+    _, _ = wm.load_checkpoint(out / "last.h5")
+    import h5py
+    with h5py.File(out / "last.h5") as f:
+        assert int(f.attrs["step"]) == steps < 100000

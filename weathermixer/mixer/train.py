@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -97,10 +99,36 @@ class Progress:
             print(flush=True)
 
 
+class StopRequest:
+    """SIGTERM, SIGINT or SIGUSR1 (what schedulers send before a time limit) set a flag instead
+    of killing the process; the training loop agrees on it across all ranks after every step
+    (MAX over the world), so every rank stops after the same step and saves one checkpoint."""
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | None = None,
           extra: dict | None = None) -> list[dict]:
-    """Run `settings.steps` optimizer steps; returns the per-step records (rank 0 logs them to
-    DIR/metrics.jsonl and writes DIR/last.h5 at the end)."""
+    """Run optimizer steps up to `settings.steps`; returns the per-step records (rank 0 logs
+    them to DIR/metrics.jsonl and writes DIR/last.h5 at the end). A stop signal on any rank
+    ends the run on every rank after the current step, with the checkpoint written."""
     grid, s = layout.grid, settings
     opt = AdamW(lr=s.lr, weight_decay=s.weight_decay, clip_norm=s.clip)
     if resume:
@@ -118,29 +146,41 @@ def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | Non
         log = open(os.path.join(s.out_dir, "metrics.jsonl"), "a")
     progress = Progress(s.steps, s.log_every, grid.is_root)
     extra = dict(extra or {}, seed=s.seed, rollout=s.rollout, batch=s.batch)
-    history = []
-    try:
-        for step in range(start, s.steps):
-            t0 = time.perf_counter()
-            k = rollout_for_step(s.seed, step, s.rollout)
-            mine = sampler.positions(step)[grid.replica * b_loc:(grid.replica + 1) * b_loc]
-            x, target = read_batch(source, samples[mine], k, layout)
-            loss, grads = loss_and_grads(params, x, target, cfg, rollout=k, lat_weights=lat_w,
-                                         layout=layout)
-            info = opt.step(params, grads, layout)
-            dt = time.perf_counter() - t0
-            record = {"step": step + 1, "loss": loss, "rollout": k, "seconds": dt, **info}
-            history.append(record)
+
+    def train_step(step: int) -> dict:
+        t0 = time.perf_counter()
+        k = rollout_for_step(s.seed, step, s.rollout)
+        mine = sampler.positions(step)[grid.replica * b_loc:(grid.replica + 1) * b_loc]
+        x, target = read_batch(source, samples[mine], k, layout)
+        loss, grads = loss_and_grads(params, x, target, cfg, rollout=k, lat_weights=lat_w,
+                                     layout=layout)
+        info = opt.step(params, grads, layout)
+        return {"step": step + 1, "loss": loss, "rollout": k,
+                "seconds": time.perf_counter() - t0, **info}
+
+    history, done = [], start
+    with StopRequest() as stop:
+        try:
+            for step in range(start, s.steps):
+                record = train_step(step)
+                history.append(record)
+                done = step + 1
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                progress.update(step, record["loss"], s.batch / record["seconds"],
+                                record["rollout"])
+                if grid.world.agree(stop.requested, op="max"):  # any rank signalled: all stop
+                    if grid.is_root:
+                        print(f"\nstop requested: ending after step {done}", flush=True)
+                    break
+                if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+                    state.save(os.path.join(s.out_dir, "last.h5"), params, cfg, layout, opt,
+                               done, extra)
+        finally:
+            progress.close()
             if log:
-                log.write(json.dumps(record) + "\n")
-            progress.update(step, loss, s.batch / dt, k)
-            if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
-                state.save(os.path.join(s.out_dir, "last.h5"), params, cfg, layout, opt,
-                           step + 1, extra)
-    finally:
-        progress.close()
-        if log:
-            log.close()
-    state.save(os.path.join(s.out_dir, "last.h5"), params, cfg, layout, opt, s.steps, extra)
+                log.close()
+    state.save(os.path.join(s.out_dir, "last.h5"), params, cfg, layout, opt, done, extra)
     return history
 
