@@ -5,10 +5,12 @@ What a step sees depends only on (seed, step, global batch), never on the layout
   step s takes positions s*B .. s*B + B - 1 of the stream of epochs, and replica r takes its
   B / n_dp consecutive positions of that global batch;
 - rollout: k ~ U{1..K} drawn from a generator seeded by (seed, step);
-- each rank reads only its tile of every sample (variables V_j and S_j, rows of band i).
+- each rank reads only its tile of every sample (variables V_j and S_j, rows of band i), in a
+  background thread one step ahead, so reading overlaps the step before it.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -147,11 +149,20 @@ def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | Non
     progress = Progress(s.steps, s.log_every, grid.is_root)
     extra = dict(extra or {}, seed=s.seed, rollout=s.rollout, batch=s.batch)
 
-    def train_step(step: int) -> dict:
-        t0 = time.perf_counter()
+    def load(step: int):
+        """(k, x, target) of `step`: this rank's tiles of this replica's samples."""
         k = rollout_for_step(s.seed, step, s.rollout)
         mine = sampler.positions(step)[grid.replica * b_loc:(grid.replica + 1) * b_loc]
-        x, target = read_batch(source, samples[mine], k, layout)
+        return (k,) + read_batch(source, samples[mine], k, layout)
+
+    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # reads step + 1 during step
+    pending = {start: reader.submit(load, start)} if start < s.steps else {}
+
+    def train_step(step: int) -> dict:
+        t0 = time.perf_counter()
+        k, x, target = pending.pop(step).result()
+        if step + 1 < s.steps:
+            pending[step + 1] = reader.submit(load, step + 1)
         loss, grads = loss_and_grads(params, x, target, cfg, rollout=k, lat_weights=lat_w,
                                      layout=layout)
         info = opt.step(params, grads, layout)
@@ -178,6 +189,7 @@ def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | Non
                     state.save(os.path.join(s.out_dir, "last.h5"), params, cfg, layout, opt,
                                done, extra)
         finally:
+            reader.shutdown(cancel_futures=True)
             progress.close()
             if log:
                 log.close()
