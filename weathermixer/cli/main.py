@@ -1,4 +1,4 @@
-"""`weathermixer` command line: train, gradcheck, bench.
+"""`weathermixer` command line: train, evaluate, gradcheck, bench.
 
 Under MPI an uncaught exception on any rank must not leave the others waiting in a
 collective: `main` prints the traceback with the rank and calls MPI_Abort on COMM_WORLD, as
@@ -15,6 +15,7 @@ import click
 from weathermixer.autograd.xp import tune_host_allocator
 
 from weathermixer.cli.bench import bench
+from weathermixer.cli.evaluate import evaluate
 from weathermixer.cli.gradcheck import gradcheck
 from weathermixer.cli.train import train
 
@@ -31,6 +32,7 @@ def cli():
 cli.add_command(train)
 cli.add_command(gradcheck)
 cli.add_command(bench)
+cli.add_command(evaluate)
 
 
 def under_mpi() -> bool:

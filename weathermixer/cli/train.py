@@ -191,6 +191,8 @@ def train(config, data, static, jigsaw, grid, replicas, batch, steps, lr, weight
     layout, xp = make_layout(cfg, pd, pc, n, device, precision)
     pgrid = layout.grid
     extra = {"data": list(data), "static": static_names}
+    if not data:
+        extra["synthetic_steps"] = n_time
     if data:
         extra["normalization"] = normalisation(source, data, out_dir, pgrid)
     settings = TrainSettings(steps=steps, batch=batch, lr=lr, seed=seed, rollout=rollout,
