@@ -103,3 +103,35 @@ def tune_host_allocator() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+_HOST_POOL = None
+_GRAIN = 1 << 17  # elements per task: about 512 KiB of float32, a chunk that stays in L2
+
+
+def host_threads() -> int:
+    """Threads for host elementwise work: OMP_NUM_THREADS where set (as for the BLAS), else the
+    cores this process may use."""
+    import os
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def parallel_ranges(n: int, work, grain: int = _GRAIN, threads: int | None = None) -> None:
+    """Call work(lo, hi) over [0, n) in chunks of about `grain`, on host threads (default
+    `host_threads()`). numpy's loops release the GIL, so a chain of in-place operations on one
+    L2-sized chunk runs on one core while the other chunks run on the others. `work` writes
+    into preallocated outputs. threads=1 keeps the chunking (cache locality) on one thread."""
+    global _HOST_POOL
+    threads = min(host_threads() if threads is None else threads, -(-n // grain))
+    if threads <= 1:
+        work(0, n)
+        return
+    if _HOST_POOL is None or _HOST_POOL._max_workers < threads:
+        import concurrent.futures
+        _HOST_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
+    bounds = list(range(0, n, grain)) + [n]
+    for f in [_HOST_POOL.submit(work, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        f.result()
