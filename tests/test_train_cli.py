@@ -162,3 +162,14 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, 
     import h5py
     with h5py.File(out / "last.h5") as f:
         assert int(f.attrs["step"]) == steps < 100000
+
+
+def test_resume_takes_the_model_from_the_checkpoint(tmp_path):
+    ok(train_cli(EXACT + ["--steps", "2", "--out", str(tmp_path / "a")]))
+    ckpt = str(tmp_path / "a" / "last.h5")
+    sizes_free = EXACT[len(ODD):]  # the same run, but no size flags at all
+    ok(train_cli(sizes_free + ["--steps", "3", "--out", str(tmp_path / "b"), "--resume", ckpt]))
+    proc = train_cli(EXACT + ["--embed-dim", "15", "--steps", "3", "--out", str(tmp_path / "c"),
+                              "--resume", ckpt], limit=60)
+    assert proc.returncode != 0 and "the checkpoint holds" in proc.stderr
+    assert proc.stderr.count("Error:") == 1

@@ -62,8 +62,10 @@ def check_request(n: int, pd: int, pc: int, replicas: int | None, batch: int) ->
     return d
 
 
-def open_source(data, static, cfg_flags, config_file, n_time, seed):
-    """(source, cfg): the data source and the model Config (grid and variables from the data)."""
+def open_source(data, static, cfg_flags, config_file, n_time, seed, defaults=None):
+    """(source, cfg): the data source and the model Config (grid and variables from the data,
+    the other sizes from the flags, else the TOML file, else `defaults`)."""
+    defaults = DEFAULTS if defaults is None else defaults
     from weathermixer.io.data import DataError, Era5Source
     from weathermixer.io.synthetic import SyntheticSource
     if data:
@@ -78,12 +80,12 @@ def open_source(data, static, cfg_flags, config_file, n_time, seed):
             if given is not None and given != value:
                 raise JobConfigError(f"--{field.replace('_', '-')} {given} disagrees with "
                                      f"{data[0]} ({value})")
-        cfg = config_from_options(dict(DEFAULTS, **found), config_file,
+        cfg = config_from_options(dict(defaults, **found), config_file,
                                   **dict(cfg_flags, **found))
         return source, cfg
     if static:
         raise JobConfigError("--static names channels of a --data file; none was given")
-    cfg = config_from_options(DEFAULTS, config_file, **cfg_flags)
+    cfg = config_from_options(defaults, config_file, **cfg_flags)
     return SyntheticSource(cfg.n_lat, cfg.n_lon, cfg.n_prognostic, cfg.n_static,
                            n_time=n_time, seed=seed), cfg
 
@@ -111,6 +113,19 @@ def normalisation(source, data, out_dir, grid):
     mean, std = ops.broadcast(mean, grid.world), ops.broadcast(std, grid.world)
     source.set_stats(mean, std)
     return {"channels": list(source.channels), "mean": mean.tolist(), "std": std.tolist()}
+
+
+def resumed_config(path):
+    """The Config of the checkpoint to resume from (None without one): its sizes are the
+    defaults of the run, so a resumed job needs no size flags."""
+    if path is None:
+        return None
+    from weathermixer.io import checkpoint as ckpt
+    try:
+        with ckpt.open_checkpoint(path) as f:
+            return ckpt.checkpoint_config(f)
+    except ckpt.CheckpointError as e:
+        raise JobConfigError(str(e)) from None
 
 
 def make_layout(cfg, pd: int, pc: int, n: int, device: str, precision: str):
@@ -187,7 +202,12 @@ def train(config, data, static, jigsaw, grid, replicas, batch, steps, lr, weight
     n = world_size()
     check_request(n, pd, pc, replicas, batch)
     static_names = [s for s in static.split(",") if s]
-    source, cfg = open_source(data, static_names, size_flags, config, n_time, seed)
+    resumed = resumed_config(resume)
+    source, cfg = open_source(data, static_names, size_flags, config, n_time, seed,
+                              resumed.to_dict() if resumed else None)
+    if resumed is not None and cfg != resumed:
+        raise JobConfigError(f"--resume {resume}: the checkpoint holds {resumed}, but this run "
+                             f"asks for {cfg}")
     layout, xp = make_layout(cfg, pd, pc, n, device, precision)
     pgrid = layout.grid
     extra = {"data": list(data), "static": static_names}
