@@ -173,3 +173,19 @@ def test_resume_takes_the_model_from_the_checkpoint(tmp_path):
                               "--resume", ckpt], limit=60)
     assert proc.returncode != 0 and "the checkpoint holds" in proc.stderr
     assert proc.stderr.count("Error:") == 1
+
+
+def test_resume_continues_the_data_stream_of_the_checkpoint(tmp_path):
+    """Seed, rollout and batch come from the checkpoint unless given: the resumed run equals
+    the straight one."""
+    stream = ["--seed", "5", "--rollout", "2", "--batch", "2"]
+    base = [a for a in EXACT]
+    for flag in ("--rollout", "--batch"):  # EXACT sets these; the resumed run must not
+        i = base.index(flag)
+        del base[i:i + 2]
+    ok(train_cli(base + stream + ["--steps", "5", "--out", str(tmp_path / "straight")]))
+    ok(train_cli(base + stream + ["--steps", "2", "--out", str(tmp_path / "first")]))
+    ok(train_cli(base + ["--steps", "5", "--out", str(tmp_path / "second"),
+                         "--resume", str(tmp_path / "first" / "last.h5")]))
+    assert max_relative_difference(tmp_path / "straight" / "last.h5",
+                                   tmp_path / "second" / "last.h5") < 1e-12

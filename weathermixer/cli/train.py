@@ -115,6 +115,21 @@ def normalisation(source, data, out_dir, grid):
     return {"channels": list(source.channels), "mean": mean.tolist(), "std": std.tolist()}
 
 
+def stream_of(path, **given):
+    """The options that define the sample stream (seed, rollout, batch), taken from the
+    checkpoint at `path` wherever the command line left them at their defaults."""
+    from weathermixer.io import checkpoint as ckpt
+    ctx = click.get_current_context()
+    try:
+        with ckpt.open_checkpoint(path) as f:
+            saved = ckpt.checkpoint_meta(f)["extra"]
+    except ckpt.CheckpointError as e:
+        raise JobConfigError(str(e)) from None
+    return tuple(saved.get(name, value)
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT
+                 else value for name, value in given.items())
+
+
 def resumed_config(path):
     """The Config of the checkpoint to resume from (None without one): its sizes are the
     defaults of the run, so a resumed job needs no size flags."""
@@ -193,9 +208,11 @@ def setup_parallel(pd: int, pc: int, n: int, device: str, precision: str):
 @click.option("--synthetic-steps", "n_time", type=int, default=96, show_default=True,
               help="length of the synthetic series")
 def train(config, data, static, jigsaw, grid, replicas, batch, steps, lr, weight_decay, clip,
-          seed, dtype, rollout, device, precision, out_dir, resume, checkpoint_every, log_every, n_time,
-          **size_flags):
+          seed, dtype, rollout, device, precision, out_dir, resume, checkpoint_every, log_every,
+          n_time, **size_flags):
     """Train WeatherMixer (AdamW); the final checkpoint is OUT/last.h5."""
+    if resume:  # the data stream continues as it was: seed, rollout and batch of the checkpoint
+        seed, rollout, batch = stream_of(resume, seed=seed, rollout=rollout, batch=batch)
     if min(batch, steps, rollout) < 1:
         raise JobConfigError("--batch, --steps and --rollout must be at least 1")
     pd, pc = grid_shape(jigsaw, grid)
