@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("test_ops_mpi.py", n) for n in (1, 2, 4)] + \
         [("test_kernels_mpi.py", n) for n in (1, 2, 4)] + \
-        [("test_model_mpi.py", n) for n in (1, 2, 4, 8)]
+        [("test_model_mpi.py", n) for n in (1, 2, 4, 8)] + \
+        [("test_data_mpi.py", n) for n in (1, 2, 4)]
 LIMIT_S = 300
 
 

@@ -91,18 +91,25 @@ def open_source(data, static, cfg_flags, config_file, n_time, seed, defaults=Non
 
 
 def normalisation(source, data, out_dir, grid):
-    """Per-channel mean/std: read from <data>.stats.h5, else computed once on rank 0 and
-    stored beside the data (or in the run directory when the data folder is read-only)."""
-    from weathermixer.io.data import compute_stats, load_stats, save_stats, stats_path_for
-    mean = np.zeros(len(source.channels))
-    std = np.ones(len(source.channels))
+    """Per-channel mean/std: read from <data>.stats.h5 (or the run directory's copy), else
+    computed once by all ranks together (each streams every world-size-th time step) and
+    stored beside the data (in the run directory when the data folder is read-only)."""
+    from weathermixer.io.data import load_stats, merge_stats, partial_stats, save_stats
+    from weathermixer.io.data import stats_path_for
+    beside, fallback = stats_path_for(data[0]), os.path.join(out_dir, "normalization.h5")
+    found = None
     if grid.is_root:
-        beside, fallback = stats_path_for(data[0]), os.path.join(out_dir, "normalization.h5")
         found = next((p for p in (beside, fallback) if os.path.exists(p)), None)
-        if found:
-            mean, std = load_stats(found, source.channels)
-        else:
-            mean, std = compute_stats(source)
+    found = grid.world.bcast_json(found)
+    if found:
+        mean, std = load_stats(found, source.channels) if grid.is_root else (
+            np.zeros(len(source.channels)), np.ones(len(source.channels)))
+        mean, std = ops.broadcast(mean, grid.world), ops.broadcast(std, grid.world)
+    else:
+        part = partial_stats(source, grid.world.rank, grid.world.size)
+        mean, std = merge_stats(*part, allreduce=lambda a: ops.allreduce_sum(a, grid.world,
+                                                                             tag="stats"))
+        if grid.is_root:
             os.makedirs(out_dir, exist_ok=True)
             for path in (beside, fallback):
                 try:
@@ -110,7 +117,6 @@ def normalisation(source, data, out_dir, grid):
                     break
                 except OSError:
                     continue
-    mean, std = ops.broadcast(mean, grid.world), ops.broadcast(std, grid.world)
     source.set_stats(mean, std)
     return {"channels": list(source.channels), "mean": mean.tolist(), "std": std.tolist()}
 

@@ -356,10 +356,15 @@ class Era5Source(SourceBase):
             raise DataError(f"{self.paths[f]}: dataset 'fields' has NaN or inf at time index {t}, "
                             f"channel {self.file_channels[c]!r} (channel index {c}), {where}")
 
-    def raw_steps(self):
-        """Yield (file index, t, float32 [C, H, W]) physical fields in model order, one step at a time."""
+    def raw_steps(self, part: int = 0, parts: int = 1):
+        """Yield (file index, t, float32 [C, H, W]) physical fields in model order, one step at
+        a time: the steps whose running index over all files is `part` modulo `parts`."""
+        index = -1
         for f, ds in enumerate(self._fields):
             for t in range(self.n_time[f]):
+                index += 1
+                if index % parts != part:
+                    continue
                 x = np.asarray(ds[t], dtype=np.float32)[self._file_ch]  # [C, H, W]
                 self._check_finite(x, f, t, self._file_ch, "all rows")
                 yield f, t, x
@@ -378,29 +383,44 @@ class Era5Source(SourceBase):
 # ---- statistics ---------------------------------------------------------------------------------------
 
 def compute_stats(source) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) float64 [C] in model channel order, over all times, files and pixels.
+    """(mean, std) float64 [C] in model channel order, over all times, files and pixels."""
+    return merge_stats(*partial_stats(source))
+
+
+def partial_stats(source, part: int = 0, parts: int = 1):
+    """(n, mean [C], m2 [C]) over the time steps `part` mod `parts` of `source`: the count of
+    values per channel, their mean and sum of squared deviations (population), float64.
 
     Streams `source.raw_steps()` one time step at a time; Chan's update merges each step's
-    per-channel mean and sum of squared deviations into the running totals (population std).
+    per-channel mean and sum of squared deviations into the running totals.
     """
-    n = 0
-    mean = m2 = None
-    for _, _, x in source.raw_steps():
+    n, c = 0, len(source.channels)
+    mean, m2 = np.zeros(c), np.zeros(c)
+    for _, _, x in source.raw_steps(part, parts):
         x = x.astype(np.float64).reshape(x.shape[0], -1)  # [C, H*W]
         nb = x.shape[1]
         mb = x.mean(axis=1)  # [C]
         m2b = ((x - mb[:, None]) ** 2).sum(axis=1)  # [C]
-        if mean is None:
-            n, mean, m2 = nb, mb, m2b
-            continue
         delta = mb - mean  # [C]
         tot = n + nb
         mean = mean + delta * (nb / tot)
         m2 = m2 + m2b + delta ** 2 * (n * nb / tot)
         n = tot
-    if mean is None:
+    return n, mean, m2
+
+
+def merge_stats(n, mean, m2, allreduce=lambda a: a):
+    """(mean, std) of the union of partial statistics held by several processes: `allreduce`
+    sums an array over them (the identity for one process). Population std.
+
+        N = sum n_i,  mean = sum n_i mean_i / N,  M2 = sum (m2_i + n_i (mean_i - mean)^2)
+    """
+    total = float(allreduce(np.array([n], dtype=np.float64))[0])
+    if total == 0:
         raise DataError("compute_stats: the source has no time steps (dataset 'fields', index 0)")
-    return mean, np.sqrt(m2 / n)
+    grand = allreduce(n * mean) / total  # [C]
+    m2_all = allreduce(m2 + n * (mean - grand) ** 2)  # [C]
+    return grand, np.sqrt(m2_all / total)
 
 
 def stats_path_for(data_path) -> str:

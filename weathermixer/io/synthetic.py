@@ -117,10 +117,10 @@ class SyntheticSource(SourceBase):
                 out[i] = self._static[c - self.n_prognostic, r0:r1]
         return out
 
-    def raw_steps(self):
-        """Yield (0, t, float32 [C, H, W]) for every time step."""
+    def raw_steps(self, part: int = 0, parts: int = 1):
+        """Yield (0, t, float32 [C, H, W]) for the time steps t = part mod parts."""
         chans = np.arange(self.n_channels)
-        for t in range(self.n_time[0]):
+        for t in range(part, self.n_time[0], parts):
             yield 0, t, self._read_raw(0, t, chans, 0, self.n_lat)
 
     def close(self) -> None:
