@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from weathermixer.autograd.linear import sum_except
-from weathermixer.autograd.xp import (_GRAIN, elementwise_kernel, get_array_module,
+from weathermixer.autograd.xp import (GRAIN, elementwise_kernel, get_array_module,
                                       is_device_array, parallel_ranges)
 
 EPS = 1e-5
@@ -78,7 +78,7 @@ def _deviation(u, mean, axis: int):
         np.subtract(u2[lo:hi], m2[lo:hi], out=d[lo:hi])
         sq[lo:hi, 0] = np.einsum("rc,rc->r", d[lo:hi], d[lo:hi])
 
-    parallel_ranges(u2.shape[0], work, grain=max(1, _GRAIN // c), threads=1)
+    parallel_ranges(u2.shape[0], work, grain=max(1, GRAIN // c), threads=1)
     return d.reshape(u.shape), sq.reshape(mean.shape)
 
 
@@ -100,7 +100,7 @@ def _normalise(d, rstd, scale, bias):
         np.multiply(xhat[lo:hi], s, out=out[lo:hi])
         out[lo:hi] += b
 
-    parallel_ranges(d2.shape[0], work, grain=max(1, _GRAIN // c), threads=1)
+    parallel_ranges(d2.shape[0], work, grain=max(1, GRAIN // c), threads=1)
     return xhat.reshape(d.shape), out.reshape(d.shape)
 
 
@@ -123,7 +123,7 @@ def _input_gradient(g, xhat, rstd, r1, r2, n):
         du[lo:hi] -= a1[lo:hi]
         du[lo:hi] *= rs[lo:hi]
 
-    parallel_ranges(g2.shape[0], work, grain=max(1, _GRAIN // c), threads=1)
+    parallel_ranges(g2.shape[0], work, grain=max(1, GRAIN // c), threads=1)
     return du.reshape(g.shape)
 
 
@@ -152,7 +152,7 @@ def _backward_sums_rows(dout, xhat, scale):
     d2, x2 = dout.reshape(-1, c), xhat.reshape(-1, c)  # [rows, C]
     g = np.empty_like(d2)
     r = np.empty((2, d2.shape[0]), dtype=dout.dtype)  # [R1 | R2, rows]
-    grain = max(1, _GRAIN // c)
+    grain = max(1, GRAIN // c)
     bounds = list(range(0, d2.shape[0], grain)) + [d2.shape[0]]
     dscale = np.zeros(c, dtype=dout.dtype)
     dbias = np.zeros(c, dtype=dout.dtype)

@@ -106,7 +106,7 @@ def tune_host_allocator() -> bool:
 
 
 _HOST_POOL = None
-_GRAIN = 1 << 17  # elements per task: about 512 KiB of float32, a chunk that stays in L2
+GRAIN = 1 << 17  # elements per task: about 512 KiB of float32, a chunk that stays in L2
 
 
 def host_threads() -> int:
@@ -119,7 +119,7 @@ def host_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def parallel_ranges(n: int, work, grain: int = _GRAIN, threads: int | None = None) -> None:
+def parallel_ranges(n: int, work, grain: int = GRAIN, threads: int | None = None) -> None:
     """Call work(lo, hi) over [0, n) in chunks of about `grain`, on host threads (default
     `host_threads()`). numpy's loops release the GIL, so a chain of in-place operations on one
     L2-sized chunk runs on one core while the other chunks run on the others. `work` writes
