@@ -264,13 +264,12 @@ class NCCLGroup(MPIGroup):
         return cupy.cuda.get_current_stream().ptr
 
     def _timed(self, tag, nbytes, fn):
+        import cupy
         if COMM_LOG.synchronize:  # wait for queued compute first: it is not communication
-            import cupy
             cupy.cuda.get_current_stream().synchronize()
         t0 = time.perf_counter()
         out = fn()
         if COMM_LOG.synchronize:
-            import cupy
             cupy.cuda.get_current_stream().synchronize()
         COMM_LOG.record(tag, nbytes, time.perf_counter() - t0)
         return out
@@ -292,6 +291,7 @@ class NCCLGroup(MPIGroup):
         return self._timed(tag, 2 * send.nbytes * (self.size - 1) / self.size, run)
 
     def allgather(self, x, axis: int, sizes, tag: str = "allgather"):
+        """The parts form, with this rank's block padded to the largest part on the wire."""
         if self.size == 1 or not is_device_array(x):
             return super().allgather(x, axis, sizes, tag)
         xp = get_array_module(x)
@@ -299,44 +299,30 @@ class NCCLGroup(MPIGroup):
         part = xp.moveaxis(x, axis, 0)  # [sizes[rank], ...rest]
         send = xp.zeros((m,) + part.shape[1:], dtype=x.dtype)  # padded to the largest part
         send[:part.shape[0]] = part
-        recv = xp.empty((self.size * m,) + part.shape[1:], dtype=x.dtype)  # [parts * m, ...]
-
-        def run():
-            self.nccl.allGather(send.data.ptr, recv.data.ptr, send.size, self._dtype(send),
-                                self._stream())
-            return recv
-
-        self._timed(tag, send.nbytes * (self.size - 1), run)
+        stacked = self.allgather_parts(send, tag)  # [parts, m, ...rest]
         if all(s == m for s in sizes):
-            full = recv
+            full = stacked.reshape((-1,) + stacked.shape[2:])  # no copy
         else:
-            full = xp.concatenate([recv[p * m:p * m + s] for p, s in enumerate(sizes)])
+            full = xp.concatenate([stacked[p, :s] for p, s in enumerate(sizes)])  # [sum, ...]
         return xp.moveaxis(full, 0, axis)
 
     def reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
+        """The parts form, with every part padded to the largest one on the wire."""
         if self.size == 1 or not is_device_array(x):
             return super().reduce_scatter(x, axis, sizes, tag)
         xp = get_array_module(x)
         m = max(sizes)
         full = xp.moveaxis(x, axis, 0)  # [sum(sizes), ...rest]
-        rest = full.shape[1:]
         if all(s == m for s in sizes):
-            send = xp.ascontiguousarray(full)
+            parts = xp.ascontiguousarray(full).reshape((self.size, m) + full.shape[1:])
         else:
-            send = xp.zeros((self.size * m,) + rest, dtype=x.dtype)  # each part padded to m
+            parts = xp.zeros((self.size, m) + full.shape[1:], dtype=x.dtype)  # padded parts
             o = 0
             for p, s in enumerate(sizes):
-                send[p * m:p * m + s] = full[o:o + s]
+                parts[p, :s] = full[o:o + s]
                 o += s
-        recv = xp.empty((m,) + rest, dtype=x.dtype)
-
-        def run():
-            self.nccl.reduceScatter(send.data.ptr, recv.data.ptr, recv.size, self._dtype(recv),
-                                    self._nccl.NCCL_SUM, self._stream())
-            return recv
-
-        self._timed(tag, send.nbytes * (self.size - 1) / self.size, run)
-        return xp.moveaxis(recv[:sizes[self.rank]], 0, axis)
+        mine = self.reduce_scatter_parts(parts, tag)  # [m, ...rest]
+        return xp.moveaxis(mine[:sizes[self.rank]], 0, axis)
 
     def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         if self.size == 1 or not is_device_array(parts):
