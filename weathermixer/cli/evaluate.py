@@ -7,8 +7,8 @@ import click
 import numpy as np
 
 from weathermixer.cli.errors import JobConfigError
-from weathermixer.cli.train import check_request, grid_shape, make_layout, world_size
-from weathermixer.io import checkpoint as ckpt
+from weathermixer.cli.train import (check_request, checkpoint_header, grid_shape, make_layout,
+                                    world_size)
 from weathermixer.mixer import state
 from weathermixer.mixer.evaluate import evaluate as run_evaluation
 
@@ -57,15 +57,10 @@ def evaluate(checkpoint, data, lead, max_samples, batch, jigsaw, grid, device, p
     pd, pc = grid_shape(jigsaw, grid)
     n = world_size()
     check_request(n, pd, pc, None, n)  # no batch constraint: each replica takes its samples
-    try:
-        with ckpt.open_checkpoint(checkpoint) as f:
-            cfg, meta = ckpt.checkpoint_config(f), ckpt.checkpoint_meta(f)
-            dtype = str(f["params/encoder/weight"].dtype)  # evaluate in the trained dtype
-    except (ckpt.CheckpointError, KeyError) as e:
-        raise JobConfigError(f"{checkpoint}: {e}") from None
+    cfg, meta = checkpoint_header(checkpoint)
     source = open_evaluation_data(data, cfg, meta)
     layout, xp = make_layout(cfg, pd, pc, n, device, precision)
-    params, _ = state.load(checkpoint, layout, dtype, xp)
+    params, _ = state.load(checkpoint, layout, meta["dtype"], xp)  # the trained dtype
     result = run_evaluation(params, cfg, layout, source, lead, max_samples, batch)
     if layout.grid.is_root:
         click.echo(f"{checkpoint} (step {meta['step']}), lead {lead}, {result['samples']} samples, "

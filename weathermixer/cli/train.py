@@ -121,32 +121,22 @@ def normalisation(source, data, out_dir, grid):
     return {"channels": list(source.channels), "mean": mean.tolist(), "std": std.tolist()}
 
 
-def stream_of(path, **given):
-    """The options that define the sample stream (seed, rollout, batch), taken from the
-    checkpoint at `path` wherever the command line left them at their defaults."""
+def checkpoint_header(path):
+    """(cfg, meta) of the checkpoint at `path`; a bad file is a one-line error of the job."""
     from weathermixer.io import checkpoint as ckpt
-    ctx = click.get_current_context()
     try:
-        with ckpt.open_checkpoint(path) as f:
-            saved = ckpt.checkpoint_meta(f)["extra"]
+        return ckpt.read_header(path)
     except ckpt.CheckpointError as e:
         raise JobConfigError(str(e)) from None
+
+
+def stream_of(saved: dict, **given):
+    """The options that define the sample stream (seed, rollout, batch), taken from a
+    checkpoint's `extra` wherever the command line left them at their defaults."""
+    ctx = click.get_current_context()
     return tuple(saved.get(name, value)
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT
                  else value for name, value in given.items())
-
-
-def resumed_config(path):
-    """The Config of the checkpoint to resume from (None without one): its sizes are the
-    defaults of the run, so a resumed job needs no size flags."""
-    if path is None:
-        return None
-    from weathermixer.io import checkpoint as ckpt
-    try:
-        with ckpt.open_checkpoint(path) as f:
-            return ckpt.checkpoint_config(f)
-    except ckpt.CheckpointError as e:
-        raise JobConfigError(str(e)) from None
 
 
 def make_layout(cfg, pd: int, pc: int, n: int, device: str, precision: str):
@@ -217,15 +207,16 @@ def train(config, data, static, jigsaw, grid, replicas, batch, steps, lr, weight
           seed, dtype, rollout, device, precision, out_dir, resume, checkpoint_every, log_every,
           n_time, **size_flags):
     """Train WeatherMixer (AdamW); the final checkpoint is OUT/last.h5."""
-    if resume:  # the data stream continues as it was: seed, rollout and batch of the checkpoint
-        seed, rollout, batch = stream_of(resume, seed=seed, rollout=rollout, batch=batch)
+    resumed = None  # the checkpoint's model sizes are this run's defaults
+    if resume:  # and its data stream continues: seed, rollout and batch as they were
+        resumed, meta = checkpoint_header(resume)
+        seed, rollout, batch = stream_of(meta["extra"], seed=seed, rollout=rollout, batch=batch)
     if min(batch, steps, rollout) < 1:
         raise JobConfigError("--batch, --steps and --rollout must be at least 1")
     pd, pc = grid_shape(jigsaw, grid)
     n = world_size()
     check_request(n, pd, pc, replicas, batch)
     static_names = [s for s in static.split(",") if s]
-    resumed = resumed_config(resume)
     source, cfg = open_source(data, static_names, size_flags, config, n_time, seed,
                               resumed.to_dict() if resumed else None)
     if resumed is not None and cfg != resumed:

@@ -71,10 +71,18 @@ def checkpoint_config(f: h5py.File) -> Config:
 
 
 def checkpoint_meta(f: h5py.File) -> dict:
-    """step, extra (dict) and the optimizer states present."""
+    """step, extra (dict), the optimizer states present and the parameters' dtype."""
     states = sorted(f["optimizer"].keys()) if "optimizer" in f else []
+    if "params/encoder/weight" not in f:
+        raise CheckpointError(f"{f.filename}: dataset 'params/encoder/weight' is missing")
     return {"step": int(f.attrs.get("step", 0)), "extra": json.loads(f.attrs.get("extra", "{}")),
-            "optimizer_states": states}
+            "optimizer_states": states, "dtype": str(f["params/encoder/weight"].dtype)}
+
+
+def read_header(path) -> tuple[Config, dict]:
+    """(cfg, meta) of the checkpoint at `path`, without reading any array."""
+    with open_checkpoint(path) as f:
+        return checkpoint_config(f), checkpoint_meta(f)
 
 
 def read_block(f: h5py.File, dataset: str, shape: tuple, index: tuple | None = None) -> np.ndarray:
