@@ -86,9 +86,10 @@ class AdamW:
         b1, b2 = self.betas
         c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
         for name, p in params.items():
-            xp = get_array_module(p)
-            m = self.m.setdefault(name, xp.zeros_like(p))
-            v = self.v.setdefault(name, xp.zeros_like(p))
+            if name not in self.m:  # first step: zero moments (not re-made every step)
+                xp = get_array_module(p)
+                self.m[name], self.v[name] = xp.zeros_like(p), xp.zeros_like(p)
+            m, v = self.m[name], self.v[name]
             decay = 1.0 - self.lr * self.weight_decay if p.ndim == 2 else 1.0
             adamw_update(p, m, v, grads[name], scale, b1, b2, self.lr / c1, c2, self.eps, decay)
         return {"grad_norm": norm, "clip_scale": scale, "skipped": False}
