@@ -169,6 +169,3 @@ class Layout:
     def shard(self, name: str, global_array):
         """This rank's block of a global parameter (or of its gradient / optimizer state)."""
         return take(global_array, self.specs[name].index(self.coords))
-
-    def describe(self) -> str:
-        return f"{self.grid.pd}x{self.grid.pc} (domain x channel)"
