@@ -70,8 +70,8 @@ def main():
                                   b + "channel_mixing/fc1")
         return model.norm_backward(du, c_cn, {}, b + "channel_norm")
 
-    add("token-mixing backward", token_backward, 2 * (2 * T * Mt * E))
-    add("channel-mixing backward", channel_backward, 2 * (2 * T * Mc * E))
+    add("token-mixing backward", token_backward, 4 * (2 * T * Mt * E))
+    add("channel-mixing backward", channel_backward, 4 * (2 * T * Mc * E))
     u = cp.asarray(rng.standard_normal((1, E, Mt), dtype=np.float32))
     add("token fc1 (dense)", lambda: model.dense_forward(z.swapaxes(-1, -2), params,
                                                          "blocks/0/token_mixing/fc1", lay),
