@@ -25,11 +25,15 @@ _FORWARD = (f"T t = tanh(T({_C!r}) * (u + T({_A!r}) * u * u * u)); "
             f"* (T(1) + T({3 * _A!r}) * u * u);")
 
 
-def gelu_forward(u):
-    """Returns (GELU(u), cache = GELU'(u))."""
+def gelu_forward(u, bias=None):
+    """Returns (GELU(u + bias), cache = GELU'(u + bias)); `bias` broadcasts along the last axis
+    (a linear layer's bias, added in the same pass on GPUs)."""
     if is_device_array(u):
-        return elementwise_kernel("wm_gelu", "T u", "T y, T d", _FORWARD)(u)
-    u = np.ascontiguousarray(u)
+        if bias is None:
+            return elementwise_kernel("wm_gelu", "T u", "T y, T d", _FORWARD)(u)
+        return elementwise_kernel("wm_bias_gelu", "T x, T b", "T y, T d",
+                                  "T u = x + b; " + _FORWARD)(u, bias)
+    u = np.ascontiguousarray(u) if bias is None else u + bias
     flat = u.reshape(-1)
     y, d = np.empty_like(flat), np.empty_like(flat)
     parallel_ranges(flat.size, lambda lo, hi: _gelu_host(flat[lo:hi], y[lo:hi], d[lo:hi]))

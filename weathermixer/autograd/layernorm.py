@@ -9,8 +9,14 @@ identity for an unsharded axis and a sum over the `channel` group in `jigsaw.lay
 
     forward:   S1 = sum(u)                  mean = S1 / n
                S2 = sum((u - mean)^2)       var  = S2 / n          (two-pass: no cancellation)
+               xhat = (u - mean) rstd,      out  = xhat scale + bias
     backward:  g = dy * scale,  R1 = sum(g),  R2 = sum(g * xhat)   (packed into one message)
                du = rstd * (g - R1 / n - xhat * R2 / n)
+               dscale, dbias = sums of dy xhat and dy over every other axis (this rank's rows)
+
+On GPUs each sum is one reduction kernel that forms its summand on the fly (`sum_of_products`)
+and each elementwise line is one fused kernel, so neither u - mean nor g is ever stored. On the
+host a last-axis LN runs the same formulas on L2-sized row chunks.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ import numpy as np
 
 from weathermixer.autograd.linear import sum_except
 from weathermixer.autograd.xp import (GRAIN, elementwise_kernel, get_array_module,
-                                      is_device_array, parallel_ranges)
+                                      is_device_array, parallel_ranges, sum_kernel,
+                                      sum_of_products)
 
 EPS = 1e-5
 
@@ -41,10 +48,9 @@ def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
     axis = axis % u.ndim
     n = u.shape[axis] if count is None else count
     mean = allreduce(_sum_along(u, axis)) / n  # reduction S1; [.., 1, ..]
-    d, sq = _deviation(u, mean, axis)  # u - mean and its local sum of squares
-    var = allreduce(sq) / n  # reduction S2
+    var = allreduce(_squared_deviation(u, mean, axis)) / n  # reduction S2
     rstd = 1.0 / xp.sqrt(var + EPS)  # [.., 1, ..]
-    xhat, out = _normalise(d, rstd, _along(scale, u.ndim, axis), _along(bias, u.ndim, axis))
+    xhat, out = _normalise(u, mean, rstd, _along(scale, u.ndim, axis), _along(bias, u.ndim, axis))
     return out, (xhat, rstd, scale, axis, n, allreduce)
 
 
@@ -65,66 +71,54 @@ def _rows(a, axis: int) -> bool:
     return not is_device_array(a) and axis == a.ndim - 1 and a.flags.c_contiguous
 
 
-def _deviation(u, mean, axis: int):
-    """(d, sum of d^2 over `axis`) with d = u - mean."""
+def _row_chunks(c: int, work, rows: int) -> None:
+    """work(lo, hi) over the rows of a [rows, c] array, an L2-sized chunk at a time."""
+    parallel_ranges(rows, work, grain=max(1, GRAIN // c), threads=1)
+
+
+def _squared_deviation(u, mean, axis: int):
+    """The local sum of (u - mean)^2 over `axis` (keepdims); u - mean is never stored whole."""
+    if is_device_array(u):
+        return sum_kernel("wm_ln_sq_dev", "T u, T mean", "(u - mean) * (u - mean)")(
+            u, mean, axis=axis, keepdims=True)
     if not _rows(u, axis):
         d = u - mean
-        return d, _sum_along(d * d, axis)
+        return _sum_along(d * d, axis)
     c = u.shape[-1]
     u2, m2 = u.reshape(-1, c), mean.reshape(-1, 1)  # [rows, C], [rows, 1]
-    d, sq = np.empty_like(u2), np.empty((u2.shape[0], 1), dtype=u.dtype)
+    sq = np.empty((u2.shape[0], 1), dtype=u.dtype)
 
     def work(lo, hi):
-        np.subtract(u2[lo:hi], m2[lo:hi], out=d[lo:hi])
-        sq[lo:hi, 0] = np.einsum("rc,rc->r", d[lo:hi], d[lo:hi])
+        d = u2[lo:hi] - m2[lo:hi]  # one chunk of u - mean
+        sq[lo:hi, 0] = np.einsum("rc,rc->r", d, d)
 
-    parallel_ranges(u2.shape[0], work, grain=max(1, GRAIN // c), threads=1)
-    return d.reshape(u.shape), sq.reshape(mean.shape)
+    _row_chunks(c, work, u2.shape[0])
+    return sq.reshape(mean.shape)
 
 
-def _normalise(d, rstd, scale, bias):
-    """(xhat, out) = (d rstd, xhat scale + bias): one fused pass on GPUs, row chunks on the
-    host for a last-axis LN."""
-    if is_device_array(d):
-        return elementwise_kernel("wm_ln_fwd", "T d, T rstd, T scale, T bias", "T xhat, T out",
-                                  "xhat = d * rstd; out = xhat * scale + bias;")(d, rstd, scale, bias)
-    if not _rows(d, d.ndim - 1) or scale.shape[-1] != d.shape[-1]:
-        xhat = d * rstd
+def _normalise(u, mean, rstd, scale, bias):
+    """(xhat, out) = ((u - mean) rstd, xhat scale + bias): one fused pass on GPUs, row chunks
+    on the host for a last-axis LN."""
+    if is_device_array(u):
+        return elementwise_kernel(
+            "wm_ln_fwd", "T u, T mean, T rstd, T scale, T bias", "T xhat, T out",
+            "xhat = (u - mean) * rstd; out = xhat * scale + bias;")(u, mean, rstd, scale, bias)
+    if not _rows(u, u.ndim - 1) or scale.shape[-1] != u.shape[-1]:
+        xhat = (u - mean) * rstd
         return xhat, xhat * scale + bias
-    c = d.shape[-1]
-    d2, r2, s, b = d.reshape(-1, c), rstd.reshape(-1, 1), scale.reshape(c), bias.reshape(c)
-    xhat, out = np.empty_like(d2), np.empty_like(d2)  # [rows, C]
+    c = u.shape[-1]
+    u2, m2, r2 = u.reshape(-1, c), mean.reshape(-1, 1), rstd.reshape(-1, 1)
+    s, b = scale.reshape(c), bias.reshape(c)
+    xhat, out = np.empty_like(u2), np.empty_like(u2)  # [rows, C]
 
     def work(lo, hi):
-        np.multiply(d2[lo:hi], r2[lo:hi], out=xhat[lo:hi])
+        np.subtract(u2[lo:hi], m2[lo:hi], out=xhat[lo:hi])
+        xhat[lo:hi] *= r2[lo:hi]
         np.multiply(xhat[lo:hi], s, out=out[lo:hi])
         out[lo:hi] += b
 
-    parallel_ranges(d2.shape[0], work, grain=max(1, GRAIN // c), threads=1)
-    return xhat.reshape(d.shape), out.reshape(d.shape)
-
-
-def _input_gradient(g, xhat, rstd, r1, r2, n):
-    """du = rstd (g - R1 / n - xhat R2 / n): one fused pass on GPUs, row chunks on the host."""
-    if is_device_array(g):
-        return elementwise_kernel(
-            "wm_ln_bwd", "T g, T xhat, T rstd, T r1, T r2, T n", "T du",
-            "du = rstd * (g - r1 / n - xhat * (r2 / n));")(g, xhat, rstd, r1, r2, g.dtype.type(n))
-    if not _rows(g, g.ndim - 1) or rstd.shape[-1] != 1:
-        return rstd * (g - r1 / n - xhat * (r2 / n))
-    c = g.shape[-1]
-    g2, x2 = g.reshape(-1, c), xhat.reshape(-1, c)
-    a1, a2, rs = (r1 / n).reshape(-1, 1), (r2 / n).reshape(-1, 1), rstd.reshape(-1, 1)
-    du = np.empty_like(g2)  # [rows, C]
-
-    def work(lo, hi):
-        np.multiply(x2[lo:hi], a2[lo:hi], out=du[lo:hi])
-        np.subtract(g2[lo:hi], du[lo:hi], out=du[lo:hi])
-        du[lo:hi] -= a1[lo:hi]
-        du[lo:hi] *= rs[lo:hi]
-
-    parallel_ranges(g2.shape[0], work, grain=max(1, GRAIN // c), threads=1)
-    return du.reshape(g.shape)
+    _row_chunks(c, work, u2.shape[0])
+    return xhat.reshape(u.shape), out.reshape(u.shape)
 
 
 def layernorm_backward(dout, cache):
@@ -132,25 +126,49 @@ def layernorm_backward(dout, cache):
     xhat, rstd, scale, axis, n, allreduce = cache
     xp = get_array_module(dout)
     dout = xp.ascontiguousarray(dout)  # one copy of a transposed view, then unit-stride passes
+    s = _along(scale, dout.ndim, axis)
     if _rows(dout, axis):
-        g, r, dscale, dbias = _backward_sums_rows(dout, xhat, scale)
+        r, dscale, dbias = _backward_sums_rows(dout, xhat, scale)
     else:
-        g = dout * _along(scale, dout.ndim, axis)
-        r = xp.stack([_sum_along(g, axis),  # reduction R1
-                      _sum_along(g * xhat, axis)])  # reduction R2; [2, .., 1, ..]
-        dscale = sum_except(dout * xhat, axis)  # [C]
+        others = tuple(i for i in range(dout.ndim) if i != axis)
+        r = xp.stack([sum_of_products(dout, s, axis=axis, keepdims=True),  # reduction R1
+                      sum_of_products(dout, s, xhat, axis=axis, keepdims=True)])  # R2
+        dscale = sum_of_products(dout, xhat, axis=others)  # [C]
         dbias = sum_except(dout, axis)  # [C]
-    r1, r2 = allreduce(r)
-    du = _input_gradient(g, xhat, rstd, r1, r2, n)
-    return du, dscale, dbias
+    r1, r2 = allreduce(r)  # [.., 1, ..] each
+    return _input_gradient(dout, s, xhat, rstd, r1, r2, n), dscale, dbias
+
+
+def _input_gradient(dout, scale, xhat, rstd, r1, r2, n):
+    """du = rstd (dout scale - R1 / n - xhat R2 / n): one fused pass on GPUs, row chunks on
+    the host."""
+    if is_device_array(dout):
+        return elementwise_kernel(
+            "wm_ln_bwd", "T dy, T scale, T xhat, T rstd, T r1, T r2, T n", "T du",
+            "du = rstd * (dy * scale - r1 / n - xhat * (r2 / n));")(
+                dout, scale, xhat, rstd, r1, r2, dout.dtype.type(n))
+    if not _rows(dout, dout.ndim - 1) or rstd.shape[-1] != 1:
+        return rstd * (dout * scale - r1 / n - xhat * (r2 / n))
+    c = dout.shape[-1]
+    d2, x2, s = dout.reshape(-1, c), xhat.reshape(-1, c), scale.reshape(c)
+    a1, a2, rs = (r1 / n).reshape(-1, 1), (r2 / n).reshape(-1, 1), rstd.reshape(-1, 1)
+    du = np.empty_like(d2)  # [rows, C]
+
+    def work(lo, hi):
+        np.multiply(x2[lo:hi], a2[lo:hi], out=du[lo:hi])
+        np.subtract(d2[lo:hi] * s, du[lo:hi], out=du[lo:hi])  # g - xhat R2 / n
+        du[lo:hi] -= a1[lo:hi]
+        du[lo:hi] *= rs[lo:hi]
+
+    _row_chunks(c, work, d2.shape[0])
+    return du.reshape(dout.shape)
 
 
 def _backward_sums_rows(dout, xhat, scale):
     """The host form of the backward's local sums for a last-axis LN, one L2-sized row chunk
-    at a time: g = dout scale, r = [R1, R2] per row, and dscale, dbias over the rows."""
+    at a time: r = [R1, R2] per row, and dscale, dbias over the rows."""
     c = dout.shape[-1]
     d2, x2 = dout.reshape(-1, c), xhat.reshape(-1, c)  # [rows, C]
-    g = np.empty_like(d2)
     r = np.empty((2, d2.shape[0]), dtype=dout.dtype)  # [R1 | R2, rows]
     grain = max(1, GRAIN // c)
     bounds = list(range(0, d2.shape[0], grain)) + [d2.shape[0]]
@@ -158,10 +176,10 @@ def _backward_sums_rows(dout, xhat, scale):
     dbias = np.zeros(c, dtype=dout.dtype)
     ones = np.ones(c, dtype=dout.dtype)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        np.multiply(d2[lo:hi], scale, out=g[lo:hi])
-        r[0, lo:hi] = g[lo:hi] @ ones
-        r[1, lo:hi] = np.einsum("rc,rc->r", g[lo:hi], x2[lo:hi])
+        g = d2[lo:hi] * scale  # one chunk of g
+        r[0, lo:hi] = g @ ones
+        r[1, lo:hi] = np.einsum("rc,rc->r", g, x2[lo:hi])
         dscale += np.einsum("rc,rc->c", d2[lo:hi], x2[lo:hi])
         dbias += np.ones(hi - lo, dtype=dout.dtype) @ d2[lo:hi]
     lead = dout.shape[:-1] + (1,)
-    return g.reshape(dout.shape), r.reshape((2,) + lead), dscale, dbias
+    return r.reshape((2,) + lead), dscale, dbias

@@ -9,7 +9,7 @@ rank's domain part): the token index is row-major within whatever rows are passe
 """
 from __future__ import annotations
 
-from weathermixer.autograd.xp import get_array_module
+from weathermixer.autograd.xp import elementwise_kernel, get_array_module, is_device_array
 
 
 def patchify(x, pl: int, pw: int):
@@ -57,9 +57,17 @@ def split(x, first: int, axis: int):
     return a, x[tuple(ix)]
 
 
-def residual_forward(z, branch):
-    """z + branch: the residual stream (branch = f(z) computed by the caller)."""
-    return z + branch
+def residual_forward(z, branch, bias=None):
+    """z + branch (+ bias): the residual stream (branch = f(z) computed by the caller, `bias`
+    the last linear layer's, added in the same pass on GPUs)."""
+    if bias is None:
+        return z + branch
+    if is_device_array(z):
+        return elementwise_kernel("wm_residual_bias", "T z, T f, T b", "T y",
+                                  "y = z + f + b")(z, branch, bias)
+    y = z + branch
+    y += bias
+    return y
 
 
 def residual_backward(dout):

@@ -89,6 +89,30 @@ def elementwise_kernel(name: str, in_params: str, out_params: str, body: str):
     return _KERNELS[name]
 
 
+def sum_kernel(name: str, in_params: str, summand: str):
+    """A cached CuPy ReductionKernel that sums `summand`, formed from its broadcast inputs on
+    the fly, over the axes it is called with: kernel(*arrays, axis=..., keepdims=...). It reads
+    each operand once and writes no temporary; the sum has the inputs' dtype T."""
+    if name not in _KERNELS:
+        _KERNELS[name] = _cupy.ReductionKernel(in_params, "T s", summand, "a + b", "s = a", "0",
+                                               name)
+    return _KERNELS[name]
+
+
+def sum_of_products(*arrays, axis=None, keepdims: bool = False):
+    """sum over `axis` of the elementwise product of 2 or 3 broadcast arrays: one reduction
+    kernel on GPUs (CuPy's vdot and `(a * b).sum()` write the products out first), numpy's
+    product and sum on the host."""
+    if not is_device_array(arrays[0]):
+        prod = arrays[0] * arrays[1] if len(arrays) == 2 else arrays[0] * arrays[1] * arrays[2]
+        return prod.sum(axis=axis, keepdims=keepdims)
+    if len(arrays) == 2:
+        kernel = sum_kernel("wm_sum_prod2", "T a, T b", "a * b")
+    else:
+        kernel = sum_kernel("wm_sum_prod3", "T a, T b, T c", "a * b * c")
+    return kernel(*arrays, axis=axis, keepdims=keepdims)
+
+
 def tune_host_allocator() -> bool:
     """Keep freed large blocks in the process (glibc malloc): numpy's temporaries of a step are
     then reused instead of being returned to the system and faulted in again on every call.

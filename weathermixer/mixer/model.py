@@ -44,11 +44,13 @@ def _kind(name: str) -> str:
 
 
 # ---- layers ------------------------------------------------------------------------------
-def dense_forward(x, params, name, layout):
-    """y = x @ W.T + b as the distributed `xwt` of `layout.dense[kind]`."""
+def dense_forward(x, params, name, layout, add_bias: bool = True):
+    """y = x @ W.T + b as the distributed `xwt` of `layout.dense[kind]`. With add_bias=False
+    the caller adds b in its next fused pass (bias + GELU, bias + residual)."""
     d = layout.dense[_kind(name)]
     y, cache = xwt_forward(x, params[name + "/weight"], layout.grid, d.frame, d.w_rows, d.out_cols)
-    y += params[name + "/bias"]  # y is a fresh array of this call
+    if add_bias:
+        y += params[name + "/bias"]  # y is a fresh array of this call
     return y, cache
 
 
@@ -76,15 +78,17 @@ def mixer_block_forward(z, params, n, layout):
     """z [B, T_loc, E_loc] -> z [B, T_loc, E_loc] through block n."""
     b, E = f"blocks/{n}/", layout.cfg.embed_dim
     u, c_tn = norm_forward(z, params, b + "token_norm", layout, -1, E)
-    a1, c_t1 = dense_forward(u.swapaxes(-1, -2), params, b + "token_mixing/fc1", layout)
-    h1, c_g1 = gelu_forward(a1)  # [B, E_loc, Mt_loc]
-    o, c_t2 = dense_forward(h1, params, b + "token_mixing/fc2", layout)  # [B, E_loc, T_loc]
-    z = residual_forward(z, o.swapaxes(-1, -2))  # [B, T_loc, E_loc]
+    a1, c_t1 = dense_forward(u.swapaxes(-1, -2), params, b + "token_mixing/fc1", layout, False)
+    h1, c_g1 = gelu_forward(a1, params[b + "token_mixing/fc1/bias"])  # [B, E_loc, Mt_loc]
+    o, c_t2 = dense_forward(h1, params, b + "token_mixing/fc2", layout, False)  # [B, E_loc, T_loc]
+    z = residual_forward(z, o.swapaxes(-1, -2),  # [B, T_loc, E_loc]; the bias runs along T
+                         params[b + "token_mixing/fc2/bias"][:, None])
     u, c_cn = norm_forward(z, params, b + "channel_norm", layout, -1, E)
-    a2, c_c1 = dense_forward(u, params, b + "channel_mixing/fc1", layout)
-    g, c_g2 = gelu_forward(a2)  # [B, T_loc, Mc_loc]
-    o2, c_c2 = dense_forward(g, params, b + "channel_mixing/fc2", layout)  # [B, T_loc, E_loc]
-    return residual_forward(z, o2), (n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2)
+    a2, c_c1 = dense_forward(u, params, b + "channel_mixing/fc1", layout, False)
+    g, c_g2 = gelu_forward(a2, params[b + "channel_mixing/fc1/bias"])  # [B, T_loc, Mc_loc]
+    o2, c_c2 = dense_forward(g, params, b + "channel_mixing/fc2", layout, False)  # [B, T_loc, E_loc]
+    z = residual_forward(z, o2, params[b + "channel_mixing/fc2/bias"])
+    return z, (n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2)
 
 
 def mixer_block_backward(dz, cache, grads):

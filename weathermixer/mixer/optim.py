@@ -17,20 +17,30 @@ import math
 
 import numpy as np
 
-from weathermixer.autograd.xp import elementwise_kernel, get_array_module, is_device_array
+from weathermixer.autograd.xp import (elementwise_kernel, get_array_module, is_device_array,
+                                      sum_of_products)
 from weathermixer.jigsaw import ops
 
 
 def global_grad_norm(grads: dict, layout) -> float:
     """sqrt of the sum of squares of every parameter's gradient, each element counted once:
-    a block replicated over a group is counted only by that group's member 0."""
-    grid, local = layout.grid, 0.0
-    for name, spec in layout.specs.items():
-        if spec.replicated_over is None or grid.group(spec.replicated_over).rank == 0:
-            g = grads[name].ravel()
-            local += float(get_array_module(g).vdot(g, g))
+    a block replicated over a group is counted only by that group's member 0. On GPUs the
+    per-parameter sums stay on the device and are read back once."""
+    grid = layout.grid
+    counted = [grads[name] for name, spec in layout.specs.items()
+               if spec.replicated_over is None or grid.group(spec.replicated_over).rank == 0]
+    local = float(sum(_sum_of_squares(g) for g in counted))
     total = ops.allreduce_sum(np.array([local]), grid.model, tag="grad_norm")  # host scalar
     return math.sqrt(float(total[0]))
+
+
+def _sum_of_squares(g):
+    """sum(g^2), a scalar of g's module: one fused pass on GPUs (CuPy's vdot would first
+    write the products to a temporary as large as g)."""
+    if is_device_array(g):
+        return sum_of_products(g, g)
+    g = g.ravel()
+    return np.vdot(g, g)
 
 
 _ADAMW = """
