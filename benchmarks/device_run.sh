@@ -17,6 +17,7 @@ if [ "$mode" = quick ]; then
 fi
 ngpu=$(nvidia-smi -L | wc -l)
 run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_profile.py --model c1
+run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_kernels.py --model c1 --top 25
 run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_benchmark.py --model c1 --steps 5 --json "$OUT/c1_1gpu.json"
 if [ "$ngpu" -ge 2 ]; then
   MPI="mpiexec --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED"

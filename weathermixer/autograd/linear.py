@@ -13,8 +13,24 @@ import numpy as np
 from weathermixer.autograd.xp import get_array_module
 
 
+def is_transposed(a) -> bool:
+    """True for a view whose last two axes are swapped from a C-contiguous array (the token
+    mixing's view [.., E, T] of the residual stream [.., T, E])."""
+    return a.ndim >= 2 and not a.flags.c_contiguous and a.swapaxes(-1, -2).flags.c_contiguous
+
+
+def empty_in_order_of(a, shape, dtype):
+    """An empty array of `shape` laid out as `a` is: C-contiguous, or a transposed view of a
+    C-contiguous array where `a` is one (`is_transposed`)."""
+    xp = get_array_module(a)
+    if is_transposed(a):
+        return xp.empty(shape[:-2] + (shape[-1], shape[-2]), dtype=dtype).swapaxes(-1, -2)
+    return xp.empty(shape, dtype=dtype)
+
+
 def matmul(a, b, out=None):
-    """a [..., m, k] @ b [k, n] -> [..., m, n] as 2-D GEMMs (into `out` if given, C-contiguous).
+    """a [..., m, k] @ b [k, n] -> [..., m, n] as 2-D GEMMs (into `out` if given: C-contiguous,
+    or a transposed view, filled as out^T = b^T a^T without a copy).
 
     2-D products take transposed views without a copy (BLAS transpose flags), and CuPy runs
     them in the precision set by `set_matmul_precision` (its batched path ignores TF32). A
@@ -23,7 +39,10 @@ def matmul(a, b, out=None):
     lead, (m, k) = a.shape[:-2], a.shape[-2:]
     if out is None:
         out = xp.empty(lead + (m, b.shape[-1]), dtype=xp.result_type(a, b))  # [..., m, n]
-    if a.ndim == 2:
+    if is_transposed(out):
+        for i in np.ndindex(*lead):
+            xp.matmul(b.T, a[i].T, out=out[i].T)  # [n, m], C-contiguous
+    elif a.ndim == 2:
         xp.matmul(a, b, out=out)
     elif a.flags.c_contiguous:
         xp.matmul(a.reshape(-1, k), b, out=out.reshape(-1, b.shape[-1]))
@@ -51,9 +70,12 @@ def contract_leading(a, b):
 
 def sum_except(a, axis: int):
     """Sum over every axis but `axis` -> [a.shape[axis]], as products with a ones vector:
-    BLAS reads each element once at memory speed, where a column reduction would stride."""
+    BLAS reads each element once at memory speed, where a column reduction would stride.
+    A transposed view is summed through the C-contiguous array it views."""
     xp = get_array_module(a)
     axis = axis % a.ndim
+    if is_transposed(a):
+        a, axis = a.swapaxes(-1, -2), {a.ndim - 1: a.ndim - 2, a.ndim - 2: a.ndim - 1}.get(axis, axis)
     if not a.flags.c_contiguous:
         return a.sum(axis=tuple(i for i in range(a.ndim) if i != axis))
     lead = int(np.prod(a.shape[:axis], dtype=np.int64))

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from weathermixer.autograd.linear import contract_leading, linear_forward, matmul
+from weathermixer.autograd.linear import (contract_leading, empty_in_order_of, is_transposed,
+                                          linear_forward, matmul)
 from weathermixer.autograd.xp import get_array_module
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.shard import Partition, offsets
@@ -100,11 +101,11 @@ def xwt_backward(dy, cache, need_dx: bool = True):
     if need_dx:
         wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
         for p, g in enumerate(blocks):
-            term = matmul(g, wg[o[p]:o[p + 1]])  # [.., R_r, K_c]
+            term = matmul(g, wg[o[p]:o[p + 1]], out=empty_in_order_of(x, x.shape, x.dtype))
             if dx is None:
-                dx = term
+                dx = term  # [.., R_r, K_c], laid out as X is (token-major in token mixing)
             else:
-                dx += term
+                _storage(dx)[...] += _storage(term)
     if len(blocks) == 1:
         dwg = contract_leading(blocks[0], x)  # [N, K_c], partial over R parts
     else:
@@ -114,6 +115,11 @@ def xwt_backward(dy, cache, need_dx: bool = True):
             dwg[o[p]:o[p + 1]] = contract_leading(g, x)
     dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
     return dx, dw
+
+
+def _storage(a):
+    """The C-contiguous array that `a` is or views (elementwise work runs on it unit-stride)."""
+    return a.swapaxes(-1, -2) if is_transposed(a) else a
 
 
 def _pad_last(a, m: int):
