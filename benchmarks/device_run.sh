@@ -23,5 +23,6 @@ if [ "$ngpu" -ge 2 ]; then
   MPI="mpiexec --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED"
   run env CUDA_VISIBLE_DEVICES=0 weathermixer bench $C1 --batch 1 --steps 5 --json "$OUT/bench_1gpu.json"
   run $MPI -n 2 weathermixer bench $C1 --jigsaw 2 --batch 1 --steps 5 --json "$OUT/bench_2way.json"
+  run $MPI -n 2 weathermixer bench $C1 --grid 2x1 --batch 1 --steps 5 --json "$OUT/bench_2x1.json"
   run $MPI -n 2 weathermixer bench $C1 --jigsaw 1 --batch 2 --steps 5 --json "$OUT/bench_dp2.json"
 fi

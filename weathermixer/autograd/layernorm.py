@@ -121,8 +121,10 @@ def _normalise(u, mean, rstd, scale, bias):
     return xhat.reshape(u.shape), out.reshape(u.shape)
 
 
-def layernorm_backward(dout, cache):
-    """Gradients (du, dscale, dbias). dscale and dbias are sums over this rank's rows only."""
+def layernorm_backward(dout, cache, plus=None):
+    """Gradients (du, dscale, dbias); with `plus`, du + plus is returned in du's place (a
+    fan-out's other gradient, added in the same pass). dscale and dbias are sums over this
+    rank's rows only."""
     xhat, rstd, scale, axis, n, allreduce = cache
     xp = get_array_module(dout)
     dout = xp.ascontiguousarray(dout)  # one copy of a transposed view, then unit-stride passes
@@ -136,22 +138,27 @@ def layernorm_backward(dout, cache):
         dscale = sum_of_products(dout, xhat, axis=others)  # [C]
         dbias = sum_except(dout, axis)  # [C]
     r1, r2 = allreduce(r)  # [.., 1, ..] each
-    return _input_gradient(dout, s, xhat, rstd, r1, r2, n), dscale, dbias
+    return _input_gradient(dout, s, xhat, rstd, r1, r2, n, plus), dscale, dbias
 
 
-def _input_gradient(dout, scale, xhat, rstd, r1, r2, n):
-    """du = rstd (dout scale - R1 / n - xhat R2 / n): one fused pass on GPUs, row chunks on
-    the host."""
+def _input_gradient(dout, scale, xhat, rstd, r1, r2, n, plus=None):
+    """du = rstd (dout scale - R1 / n - xhat R2 / n) (+ plus): one fused pass on GPUs, row
+    chunks on the host."""
     if is_device_array(dout):
-        return elementwise_kernel(
-            "wm_ln_bwd", "T dy, T scale, T xhat, T rstd, T r1, T r2, T n", "T du",
-            "du = rstd * (dy * scale - r1 / n - xhat * (r2 / n));")(
-                dout, scale, xhat, rstd, r1, r2, dout.dtype.type(n))
+        formula = "rstd * (dy * scale - r1 / n - xhat * (r2 / n))"
+        args = (dout, scale, xhat, rstd, r1, r2, dout.dtype.type(n))
+        ins = "T dy, T scale, T xhat, T rstd, T r1, T r2, T n"
+        if plus is None:
+            return elementwise_kernel("wm_ln_bwd", ins, "T du", f"du = {formula};")(*args)
+        return elementwise_kernel("wm_ln_bwd_plus", ins + ", T plus", "T du",
+                                  f"du = {formula} + plus;")(*args, plus)
     if not _rows(dout, dout.ndim - 1) or rstd.shape[-1] != 1:
-        return rstd * (dout * scale - r1 / n - xhat * (r2 / n))
+        du = rstd * (dout * scale - r1 / n - xhat * (r2 / n))
+        return du if plus is None else du + plus
     c = dout.shape[-1]
     d2, x2, s = dout.reshape(-1, c), xhat.reshape(-1, c), scale.reshape(c)
     a1, a2, rs = (r1 / n).reshape(-1, 1), (r2 / n).reshape(-1, 1), rstd.reshape(-1, 1)
+    p2 = None if plus is None else np.broadcast_to(plus, dout.shape).reshape(-1, c)
     du = np.empty_like(d2)  # [rows, C]
 
     def work(lo, hi):
@@ -159,6 +166,8 @@ def _input_gradient(dout, scale, xhat, rstd, r1, r2, n):
         np.subtract(d2[lo:hi] * s, du[lo:hi], out=du[lo:hi])  # g - xhat R2 / n
         du[lo:hi] -= a1[lo:hi]
         du[lo:hi] *= rs[lo:hi]
+        if p2 is not None:
+            du[lo:hi] += p2[lo:hi]
 
     _row_chunks(c, work, d2.shape[0])
     return du.reshape(dout.shape)

@@ -28,6 +28,15 @@ def empty_in_order_of(a, shape, dtype):
     return xp.empty(shape, dtype=dtype)
 
 
+def add_bias(y, b):
+    """y += b along y's last axis, in place, walking y's memory in order (for a transposed
+    view the bias runs down the rows of the C-contiguous array it views)."""
+    if is_transposed(y):
+        y.swapaxes(-1, -2)[...] += b[:, None]
+    else:
+        y += b
+
+
 def matmul(a, b, out=None):
     """a [..., m, k] @ b [k, n] -> [..., m, n] as 2-D GEMMs (into `out` if given: C-contiguous,
     or a transposed view, filled as out^T = b^T a^T without a copy).

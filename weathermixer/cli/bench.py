@@ -55,13 +55,15 @@ def bench(config, jigsaw, grid, batch, steps, warmup, rollout, dtype, device, pr
 def format_table(rows) -> str:
     ops = sorted({op for r in rows for op in r["bytes_sent_per_step"]})
     head = (f"{'rank':>4} {'grid':>5} {'fwd ms':>8} {'bwd ms':>8} {'step ms':>8} {'comm %':>6} "
-            f"{'TFLOP/s':>8} {'of GEMM':>7} {'peak GiB':>8} {'params MB':>10} {'of 1-way':>8}")
+            f"{'TFLOP/s':>8} {'of GEMM':>7} {'pool GiB':>8} {'used GiB':>8} {'params MB':>10} "
+            f"{'of 1-way':>8}")
     lines = [head]
     for r in rows:
         lines.append(f"{r['rank']:>4} {r['grid']:>5} {r['forward_ms']:>8.2f} "
                      f"{r['backward_ms']:>8.2f} {r['step_ms']:>8.2f} "
                      f"{100 * r['comm_share']:>6.1f} {r['tflops_per_rank']:>8.3f} "
                      f"{r['gemm_fraction']:>7.3f} {r['peak_device_bytes'] / 2**30:>8.2f} "
+                     f"{r['peak_in_use_bytes'] / 2**30:>8.2f} "
                      f"{r['param_bytes'] / 1e6:>10.2f} {r['param_fraction']:>8.3f}")
     if ops:
         lines.append("bytes sent per step (MB) by operator:")

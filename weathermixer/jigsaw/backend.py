@@ -60,8 +60,11 @@ class LocalGroup:
     def __init__(self, name: str = "local"):
         self.name = name
 
-    def allreduce(self, x, op: str = "sum", tag: str = "allreduce"):
+    def allreduce(self, x, op: str = "sum", tag: str = "allreduce", overlap: bool = False):
         return x
+
+    def wait(self):
+        """Nothing is ever in flight on a group of one."""
 
     def allgather(self, x, axis: int, sizes, tag: str = "allgather"):
         return x
@@ -117,7 +120,9 @@ class MPIGroup:
         return np.ascontiguousarray(to_host(x))
 
     # -- collectives ---------------------------------------------------------------------
-    def allreduce(self, x, op: str = "sum", tag: str = "allreduce"):
+    def allreduce(self, x, op: str = "sum", tag: str = "allreduce", overlap: bool = False):
+        """The sum (max, min) over the group. `overlap` is a hint that only the device
+        backend acts on (`NCCLGroup`); over MPI the result is complete on return."""
         if self.size == 1:
             return x
         xp, t0 = get_array_module(x), time.perf_counter()
@@ -127,6 +132,9 @@ class MPIGroup:
         out = to_module(recv, xp)
         COMM_LOG.record(tag, 2 * send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
         return out
+
+    def wait(self):
+        """Nothing is left in flight: MPI collectives complete before they return."""
 
     def allgather(self, x, axis: int, sizes, tag: str = "allgather"):
         """Concatenate the members' blocks along `axis`, in group-rank order."""
@@ -251,6 +259,7 @@ class NCCLGroup(MPIGroup):
         self.comm.Bcast(buf, root=0)  # [128] bytes
         uid = bytes(buf) if isinstance(uid, bytes) else tuple(int(v) for v in buf.view(np.int8))
         self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
+        self._side, self._in_flight = None, []  # stream and arrays of overlapped collectives
 
     # -- helpers -------------------------------------------------------------------------
     def _dtype(self, x):
@@ -275,20 +284,45 @@ class NCCLGroup(MPIGroup):
         return out
 
     # -- collectives on device arrays ----------------------------------------------------
-    def allreduce(self, x, op: str = "sum", tag: str = "allreduce"):
+    def allreduce(self, x, op: str = "sum", tag: str = "allreduce", overlap: bool = False):
+        """With `overlap`, the sum runs in place on this group's side stream once the work
+        queued so far on the current stream is done, and the current stream goes on at once:
+        the result is complete after `wait()`. (Not while the bench times collectives.)"""
         if self.size == 1 or not is_device_array(x):
-            return super().allreduce(x, op, tag)
+            return super().allreduce(x, op, tag, overlap)
         xp = get_array_module(x)
         send = xp.ascontiguousarray(x)
-        recv = xp.empty_like(send)
         ops = {"sum": self._nccl.NCCL_SUM, "max": self._nccl.NCCL_MAX, "min": self._nccl.NCCL_MIN}
+        nbytes = 2 * send.nbytes * (self.size - 1) / self.size
+        if overlap and not COMM_LOG.synchronize:
+            self._in_flight.append(send)  # kept alive until wait()
+            side = self._side_stream()
+            side.wait_event(xp.cuda.get_current_stream().record())
+            self.nccl.allReduce(send.data.ptr, send.data.ptr, send.size, self._dtype(send),
+                                ops[op], side.ptr)
+            COMM_LOG.record(tag, nbytes, 0.0)
+            return send
+        recv = xp.empty_like(send)
 
         def run():
             self.nccl.allReduce(send.data.ptr, recv.data.ptr, send.size, self._dtype(send),
                                 ops[op], self._stream())
             return recv
 
-        return self._timed(tag, 2 * send.nbytes * (self.size - 1) / self.size, run)
+        return self._timed(tag, nbytes, run)
+
+    def _side_stream(self):
+        import cupy
+        if self._side is None:
+            self._side = cupy.cuda.Stream(non_blocking=True)
+        return self._side
+
+    def wait(self):
+        """Make the current stream wait for every overlapped collective of this group."""
+        if self._in_flight:
+            import cupy
+            cupy.cuda.get_current_stream().wait_event(self._side.record())
+            self._in_flight.clear()
 
     def allgather(self, x, axis: int, sizes, tag: str = "allgather"):
         """The parts form, with this rank's block padded to the largest part on the wire."""

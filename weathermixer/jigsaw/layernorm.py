@@ -7,7 +7,7 @@ Forward is the two-pass form (sum, then sum of squared deviations): no cancellat
 
     u [B, T_loc, E_loc] (or [B, P_loc, rows_loc, W] for the head, axis=1):
     E (or P) cut over `channel`; scale, bias [E_loc]: replicated over `domain`, whose gradient
-    sums are completed by the gradient synchronisation step (`mixer.model.sync_gradients`).
+    sums are completed by the gradient synchronisation step (`mixer.model.GradientSync`).
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 
 from weathermixer.autograd.linear import (contract_leading, empty_in_order_of, is_transposed,
-                                          linear_forward, matmul)
+                                          matmul)
 from weathermixer.autograd.xp import get_array_module
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.shard import Partition, offsets
@@ -52,31 +52,40 @@ STANDARD = Frame(rows="domain", cols="channel")
 TRANSPOSED = Frame(rows="channel", cols="domain")
 
 
-def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition):
-    """Y = X W^T: X [.., R_r, K_c], W [N_r, K_c] -> (Y [.., R_r, N_c], cache)."""
+def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition,
+                transposed_out: bool = False):
+    """Y = X W^T: X [.., R_r, K_c], W [N_r, K_c] -> (Y [.., R_r, N_c], cache). With
+    `transposed_out`, Y is a transposed view of a C-contiguous [.., N_c, R_r] array, written
+    so by the GEMM itself (token mixing keeps its outputs token-major that way)."""
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
+    parts = _partial_parts(x, wg, out_cols.sizes if cols.size > 1 else [wg.shape[0]],
+                           transposed_out)  # [Pc, .., R_r, m], or its storage [Pc, .., m, R_r]
     if cols.size == 1:
-        y, _ = linear_forward(x, wg)  # [.., R_r, N]
+        y = parts[0]
     else:
-        parts = _partial_parts(x, wg, out_cols.sizes)  # [Pc, .., R_r, m]: X W[N_p]^T
-        y = ops.scatter_parts(parts, cols, tag="xwt.scatter_y")[..., :out_cols.size(cols.rank)]
-    return y, (x, w, grid, frame, w_rows, out_cols)
+        y = ops.scatter_parts(parts, cols, tag="xwt.scatter_y")
+    y = y.swapaxes(-1, -2) if transposed_out else y  # [.., R_r, m]
+    return y[..., :out_cols.size(cols.rank)], (x, w, grid, frame, w_rows, out_cols)
 
 
-def _partial_parts(x, wg, sizes):
+def _partial_parts(x, wg, sizes, transposed: bool):
     """The partial products X W[N_p]^T of every output part p, stacked on a leading axis and
-    padded to the largest part: [parts, .., R, max(sizes)], ready for a reduce-scatter."""
+    padded to the largest part: [parts, .., R, max(sizes)], ready for a reduce-scatter. With
+    `transposed`, the C-contiguous [parts, .., max(sizes), R] array whose view that is."""
     xp = get_array_module(x)
     m, o = max(sizes), offsets(sizes)
     even = all(s == m for s in sizes)
-    parts = (xp.empty if even else xp.zeros)((len(sizes),) + x.shape[:-1] + (m,), dtype=x.dtype)
+    alloc = xp.empty if even else xp.zeros
+    lead, r = (len(sizes),) + x.shape[:-2], x.shape[-2]
+    store = alloc(lead + ((m, r) if transposed else (r, m)), dtype=x.dtype)
+    parts = store.swapaxes(-1, -2) if transposed else store  # [parts, .., R, m]
     for p, s in enumerate(sizes):
         if even:
             matmul(x, wg[o[p]:o[p + 1]].T, out=parts[p])
         else:
             parts[p, ..., :s] = matmul(x, wg[o[p]:o[p + 1]].T)
-    return parts
+    return store
 
 
 def xwt_backward(dy, cache, need_dx: bool = True):

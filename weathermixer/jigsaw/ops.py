@@ -56,9 +56,10 @@ def scatter_parts_adjoint(dy, group, tag: str = "scatter_parts_adjoint"):
     return group.allgather_parts(dy, tag=tag)
 
 
-def allreduce_sum(x, group, tag: str = "allreduce_sum"):
-    """forward: allreduce-sum over `group`; backward: allreduce-sum (self-adjoint)."""
-    return group.allreduce(x, "sum", tag=tag)
+def allreduce_sum(x, group, tag: str = "allreduce_sum", overlap: bool = False):
+    """forward: allreduce-sum over `group`; backward: allreduce-sum (self-adjoint). With
+    `overlap` the sum may still be in flight on return, complete after `group.wait()`."""
+    return group.allreduce(x, "sum", tag=tag, overlap=overlap)
 
 
 def broadcast(x, group, root: int = 0, tag: str = "broadcast"):

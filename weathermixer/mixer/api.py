@@ -58,9 +58,11 @@ def loss_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
     normaliser = x.shape[0] * grid.n_dp * cfg.n_prognostic * cfg.n_lat * cfg.n_lon
     y, cache = model.forward(params, x, layout, rollout)
     part, c_loss = weighted_sse_forward(y, target, lat_w, var_w, normaliser)
-    grads, _ = model.backward(weighted_sse_backward(1.0, c_loss), cache, need_dx=False,
-                              release=True)
-    model.sync_gradients(grads, layout)
+    dy = weighted_sse_backward(1.0, c_loss)
+    del y, c_loss  # not needed by the backward, which releases each layer's cache as it goes
+    sync = model.GradientSync(layout)  # data-parallel sums overlap the backward
+    grads, _ = model.backward(dy, cache, need_dx=False, release=True, on_ready=sync.ready)
+    sync.finish(grads)
     loss = ops.allreduce_sum(ops.allreduce_sum(xp.reshape(part, (1,)), grid.model, tag="loss"),
                              grid.data, tag="loss")
     return float(loss[0]), {name: grads[name] for name in params}  # params' key order

@@ -10,8 +10,11 @@
 and reports per rank: ms per step, achieved TFLOP/s (2 m n k per GEMM of the forward pass,
 3x that for a step, divided over the ranks of a model group), the same against the rate of
 one large GEMM measured in the same run, the share of the step spent inside collectives
-(device collectives synchronised for the count), parameter bytes held (and their fraction of
-the 1-way total), bytes sent per step by each operator, and peak device memory.
+(from a second series of steps in which every collective waits for the device and is timed
+on its own; the step time comes from the first series, where nothing waits), parameter bytes
+held (and their fraction of the 1-way total), bytes sent per step by each operator, and peak
+device memory: what the CuPy pool holds (like PyTorch's max_memory_reserved) and the most
+that live arrays used during one step (like max_memory_allocated).
 """
 from __future__ import annotations
 
@@ -66,6 +69,26 @@ def peak_device_bytes(xp) -> int:
     return 0 if xp is np else int(xp.get_default_memory_pool().total_bytes())
 
 
+def peak_in_use_bytes(xp, fn) -> int:
+    """The most device memory live arrays held while fn() ran (a CuPy memory hook sees every
+    allocation); 0 on CPUs."""
+    if xp is np:
+        fn()
+        return 0
+    pool = xp.get_default_memory_pool()
+    peak = [pool.used_bytes()]
+
+    class Peak(xp.cuda.MemoryHook):
+        name = "weathermixer_peak"
+
+        def malloc_postprocess(self, **kwargs):
+            peak[0] = max(peak[0], pool.used_bytes())
+
+    with Peak():
+        fn()
+    return peak[0]
+
+
 def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=np,
               rollout: int = 1, seed: int = 0, gemm_size: int | None = None) -> dict:
     """This rank's measurements (see the module docstring); `batch` is the global batch."""
@@ -94,12 +117,15 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
     grid.world.barrier()
     t_fwd = float(np.median([seconds(xp, forward) for _ in range(steps)]))
     t_grad = float(np.median([seconds(xp, gradients) for _ in range(steps)]))
-    COMM_LOG.reset()
-    COMM_LOG.synchronize = True
     t_step = float(np.median([seconds(xp, step) for _ in range(steps)]))
+    COMM_LOG.reset()  # then the same steps again, each collective timed on its own
+    COMM_LOG.synchronize = True
+    t_timed = sum(seconds(xp, step) for _ in range(steps))
     COMM_LOG.synchronize = False
-    comm = COMM_LOG.total_seconds / steps
+    share = COMM_LOG.total_seconds / t_timed
+    comm = share * t_step
     sent = {k: v / steps for k, v in sorted(COMM_LOG.bytes_sent.items())}
+    in_use = peak_in_use_bytes(xp, step)
     peak = peak_device_bytes(xp)
     gemm = gemm_tflops(xp, dtype, gemm_size or (8192 if xp is not np else 1024))
     held = sum(int(p.nbytes) for p in params.values())
@@ -109,9 +135,9 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
         "device": "gpu" if xp is not np else "cpu",
         "forward_ms": 1e3 * t_fwd, "backward_ms": 1e3 * (t_grad - t_fwd), "step_ms": 1e3 * t_step,
         "seconds_per_step": t_step, "comm_seconds_per_step": comm,
-        "compute_seconds_per_step": max(t_step - comm, 0.0), "comm_share": comm / t_step,
+        "compute_seconds_per_step": t_step - comm, "comm_share": share,
         "tflops_per_rank": rate, "gemm_tflops": gemm, "gemm_fraction": rate / gemm,
-        "peak_device_bytes": peak,
+        "peak_device_bytes": peak, "peak_in_use_bytes": in_use,
         "param_bytes": held, "param_fraction": held / (cfg.n_params() * np.dtype(dtype).itemsize),
         "bytes_sent_per_step": sent,
     }

@@ -16,7 +16,7 @@ Legend (local sizes carry _loc; on a 1 x 1 grid they are the global ones):
     y  = head(LN_P(Y0), x[:, :V_loc])         [B, V_loc, h, W]
 
 Every linear layer is `jigsaw.matmul.xwt` plus its bias and every LayerNorm is
-`jigsaw.layernorm`: the communication lives in those two calls and in `sync_gradients`.
+`jigsaw.layernorm`: the communication lives in those two calls and in `GradientSync`.
 Forward functions return (out, cache); backward functions take (dout, cache, grads), add
 parameter gradients into `grads` (shared weights across rollout repeats accumulate) and
 return the input gradient. Fan-outs (the residual stream, Z0 to the decoder skip, x to the
@@ -24,6 +24,7 @@ head) add their branch gradients explicitly.
 """
 from __future__ import annotations
 
+from weathermixer.autograd import linear
 from weathermixer.autograd.activation import gelu_backward, gelu_forward
 from weathermixer.autograd.linear import sum_except
 from weathermixer.autograd.shape import (concat_backward, concat_forward, patchify,
@@ -44,13 +45,15 @@ def _kind(name: str) -> str:
 
 
 # ---- layers ------------------------------------------------------------------------------
-def dense_forward(x, params, name, layout, add_bias: bool = True):
+def dense_forward(x, params, name, layout, add_bias: bool = True, transposed_out: bool = False):
     """y = x @ W.T + b as the distributed `xwt` of `layout.dense[kind]`. With add_bias=False
-    the caller adds b in its next fused pass (bias + GELU, bias + residual)."""
+    the caller adds b in its next fused pass (bias + GELU, bias + residual); `transposed_out`
+    writes y as a transposed view of a C-contiguous array (see `xwt_forward`)."""
     d = layout.dense[_kind(name)]
-    y, cache = xwt_forward(x, params[name + "/weight"], layout.grid, d.frame, d.w_rows, d.out_cols)
+    y, cache = xwt_forward(x, params[name + "/weight"], layout.grid, d.frame, d.w_rows, d.out_cols,
+                           transposed_out)
     if add_bias:
-        y += params[name + "/bias"]  # y is a fresh array of this call
+        linear.add_bias(y, params[name + "/bias"])  # y is a fresh array of this call
     return y, cache
 
 
@@ -66,8 +69,10 @@ def norm_forward(u, params, name, layout, axis, count):
                              layout.grid, axis, count)
 
 
-def norm_backward(dout, cache, grads, name):
-    du, dscale, dbias = layernorm_backward(dout, cache)
+def norm_backward(dout, cache, grads, name, plus=None):
+    """The LayerNorm's input gradient (+ `plus`, the gradient of a fan-out added in the same
+    pass)."""
+    du, dscale, dbias = layernorm_backward(dout, cache, plus)
     _accumulate(grads, name + "/scale", dscale)
     _accumulate(grads, name + "/bias", dbias)
     return du
@@ -80,7 +85,8 @@ def mixer_block_forward(z, params, n, layout):
     u, c_tn = norm_forward(z, params, b + "token_norm", layout, -1, E)
     a1, c_t1 = dense_forward(u.swapaxes(-1, -2), params, b + "token_mixing/fc1", layout, False)
     h1, c_g1 = gelu_forward(a1, params[b + "token_mixing/fc1/bias"])  # [B, E_loc, Mt_loc]
-    o, c_t2 = dense_forward(h1, params, b + "token_mixing/fc2", layout, False)  # [B, E_loc, T_loc]
+    o, c_t2 = dense_forward(h1, params, b + "token_mixing/fc2", layout, False,
+                            transposed_out=True)  # [B, E_loc, T_loc], token-major in memory
     z = residual_forward(z, o.swapaxes(-1, -2),  # [B, T_loc, E_loc]; the bias runs along T
                          params[b + "token_mixing/fc2/bias"][:, None])
     u, c_cn = norm_forward(z, params, b + "channel_norm", layout, -1, E)
@@ -97,11 +103,11 @@ def mixer_block_backward(dz, cache, grads):
     dz, dbranch = residual_backward(dz)
     dg = dense_backward(dbranch, c_c2, grads, b + "channel_mixing/fc2")
     du = dense_backward(gelu_backward(dg, c_g2), c_c1, grads, b + "channel_mixing/fc1")
-    dz = dz + norm_backward(du, c_cn, grads, b + "channel_norm")  # z fed the branch too
+    dz = norm_backward(du, c_cn, grads, b + "channel_norm", plus=dz)  # z fed the branch too
     dz, dbranch = residual_backward(dz)
     dh1 = dense_backward(dbranch.swapaxes(-1, -2), c_t2, grads, b + "token_mixing/fc2")
     dut = dense_backward(gelu_backward(dh1, c_g1), c_t1, grads, b + "token_mixing/fc1")
-    return dz + norm_backward(dut.swapaxes(-1, -2), c_tn, grads, b + "token_norm")
+    return norm_backward(dut.swapaxes(-1, -2), c_tn, grads, b + "token_norm", plus=dz)
 
 
 # ---- the whole model -------------------------------------------------------------------------
@@ -125,33 +131,44 @@ def forward(params, x, layout, rollout: int = 1):
     hc, c_hcat = concat_forward(a, x[:, :nv], 1)  # [B, 2 V_loc, h, W]
     hh, c_hn = norm_forward(hc, params, "head/norm", layout, 1, 2 * P)
     pixels = hh.reshape(B, 2 * nv, h * W).swapaxes(-1, -2)  # [B, h W, 2 V_loc]
-    yt, c_head = dense_forward(pixels, params, "head/linear", layout)  # [B, h W, V_loc]
-    y = yt.swapaxes(-1, -2).reshape(B, nv, h, W)  # [B, V_loc, h, W]
-    return y, (x.shape, c_enc, c_blocks, c_dn, c_cat, c_rec, c_an, c_hcat, c_hn, c_head, layout)
+    yt, c_head = dense_forward(pixels, params, "head/linear", layout,
+                               transposed_out=True)  # [B, h W, V_loc], pixel axis contiguous
+    y = yt.swapaxes(-1, -2).reshape(B, nv, h, W)  # [B, V_loc, h, W], a view
+    return y, dict(x_shape=x.shape, enc=c_enc, blocks=c_blocks, dn=c_dn, cat=c_cat, rec=c_rec,
+                   an=c_an, hcat=c_hcat, hn=c_hn, head=c_head, layout=layout)
 
 
-def backward(dy, cache, need_dx: bool = True, release: bool = False):
+def backward(dy, cache, need_dx: bool = True, release: bool = False, on_ready=None):
     """Gradients (grads: dict of this rank's partial parameter gradients, dx [B, C_loc, h, W]
-    or None without `need_dx`). With `release`, each block's activations are dropped from
-    `cache` as soon as its backward is done (lower peak memory; the cache is then spent)."""
-    x_shape, c_enc, c_blocks, c_dn, c_cat, c_rec, c_an, c_hcat, c_hn, c_head, layout = cache
+    or None without `need_dx`). With `release`, each layer's activations are dropped from
+    `cache` as soon as its backward is done (lower peak memory; the cache is then spent).
+    `on_ready(grads, prefix)` is told when no later layer adds to the gradients of the
+    parameters under `prefix` (`GradientSync.ready`)."""
+    ready = on_ready or (lambda grads, prefix: None)
+    take = cache.pop if release else cache.__getitem__
+    layout, (B, _, h, W), c_blocks = cache["layout"], cache["x_shape"], cache["blocks"]
     cfg, grads = layout.cfg, {}
     pl, pw = cfg.patch_lat, cfg.patch_lon
-    B, _, h, W = x_shape
     nv = dy.shape[1]
-    dpix = dense_backward(dy.reshape(B, nv, h * W).swapaxes(-1, -2), c_head, grads, "head/linear")
-    dhc = norm_backward(dpix.swapaxes(-1, -2).reshape(B, 2 * nv, h, W), c_hn, grads, "head/norm")
-    da, dx_head = concat_backward(dhc, c_hcat)
-    dy0 = norm_backward(da, c_an, grads, "head/decoded_norm")
-    dd = dense_backward(unpatchify_backward(dy0, pl, pw), c_rec, grads, "decoder/recovery")
-    ddn, dz0_skip = concat_backward(dd, c_cat)
-    dz = norm_backward(ddn, c_dn, grads, "decoder/norm")
+    dyt = dy.reshape(B, nv, h * W).swapaxes(-1, -2)  # [B, h W, V_loc], a view
+    dpix = dense_backward(dyt, take("head"), grads, "head/linear")  # [B, h W, 2 V_loc], a view
+    dhc = norm_backward(dpix.swapaxes(-1, -2).reshape(B, 2 * nv, h, W), take("hn"), grads,
+                        "head/norm")
+    da, dx_head = concat_backward(dhc, take("hcat"))
+    dy0 = norm_backward(da, take("an"), grads, "head/decoded_norm")
+    dd = dense_backward(unpatchify_backward(dy0, pl, pw), take("rec"), grads, "decoder/recovery")
+    ddn, dz0_skip = concat_backward(dd, take("cat"))
+    dz = norm_backward(ddn, take("dn"), grads, "decoder/norm")
+    ready(grads, "head/")
+    ready(grads, "decoder/")
     for n in reversed(range(len(c_blocks))):  # last block first
         dz = mixer_block_backward(dz, c_blocks[n], grads)
         if release:
             c_blocks.pop()
+        if n < cfg.n_blocks:  # the first rollout repeat of block n: its last contribution
+            ready(grads, f"blocks/{n}/")
     dz0 = dz + dz0_skip  # Z0 fans out to the blocks and to the decoder skip
-    dX = dense_backward(dz0, c_enc, grads, "encoder", need_dx)
+    dX = dense_backward(dz0, take("enc"), grads, "encoder", need_dx)
     if not need_dx:
         return grads, None
     dx = patchify_backward(dX, pl, pw, h, W)
@@ -159,14 +176,30 @@ def backward(dy, cache, need_dx: bool = True, release: bool = False):
     return grads, dx
 
 
-def sync_gradients(grads: dict, layout) -> dict:
-    """Complete every gradient: sum the partials of a replicated block over the group that
-    replicates it (`ShardSpec.replicated_over`), then sum over `data`. The loss of each replica
-    is already divided by the *global* batch, so the data sum is the mean over replicas."""
-    grid = layout.grid
-    for name, spec in layout.specs.items():
-        g = grads[name]
-        if spec.replicated_over is not None:
-            g = ops.allreduce_sum(g, grid.group(spec.replicated_over), tag="sync.replicated")
-        grads[name] = ops.allreduce_sum(g, grid.data, tag="sync.data")
-    return grads
+class GradientSync:
+    """Completes every gradient: sums the partials of a replicated block over the group that
+    replicates it (`ShardSpec.replicated_over`), then over `data`. The loss of each replica
+    is already divided by the *global* batch, so the data sum is the mean over replicas.
+
+    `ready(grads, prefix)` starts the sums of the parameters under `prefix` as soon as the
+    backward has finished them; on GPUs the data sums then run on a side stream (NCCL) while
+    the backward of the earlier layers goes on. `finish(grads)` starts what is left and waits.
+    """
+
+    def __init__(self, layout):
+        self.layout, self.pending = layout, list(layout.specs)
+
+    def ready(self, grads: dict, prefix: str = ""):
+        grid = self.layout.grid
+        for name in [n for n in self.pending if n.startswith(prefix)]:
+            g, spec = grads[name], self.layout.specs[name]
+            if spec.replicated_over is not None:
+                g = ops.allreduce_sum(g, grid.group(spec.replicated_over), tag="sync.replicated")
+            grads[name] = ops.allreduce_sum(g, grid.data, tag="sync.data", overlap=True)
+            self.pending.remove(name)
+
+    def finish(self, grads: dict) -> dict:
+        self.ready(grads)
+        self.layout.grid.data.wait()
+        return grads
+

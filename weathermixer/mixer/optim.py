@@ -2,7 +2,7 @@
 
 Each rank updates only its own blocks; the moments m and v are cut like their parameters.
 Holders of a replicated block (`ShardSpec.replicated_over`) receive identical gradients (after
-`sync_gradients`) and so make identical updates.
+`GradientSync`) and so make identical updates.
 
     g    <- g * min(1, clip / ||g||)         ||g|| over every parameter counted once
     m    <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
