@@ -1,8 +1,8 @@
 """CuPy correctness: runs where CuPy sees a GPU (the device machine), skips cleanly elsewhere.
 
 float64 CuPy equals float64 numpy for predict, loss and every gradient; a short TF32
-training run's loss curve tracks the fp32 one; and, with 2 GPUs, 2-way on 2 GPUs (NCCL) ends
-where 1 GPU ends in float64.
+training run's loss curve tracks the fp32 one; and, with 2 GPUs, every 2-rank layout on 2 GPUs
+(NCCL) ends where 1 GPU ends in float64.
 """
 import json
 
@@ -57,10 +57,14 @@ def test_tf32_training_tracks_fp32(tmp_path):
 
 @pytest.mark.skipif(not cupy_available() or module("cupy").cuda.runtime.getDeviceCount() < 2,
                     reason="needs 2 GPUs")
-def test_two_way_on_two_gpus_equals_one_gpu(tmp_path):
+@pytest.mark.parametrize("layout", [("--jigsaw", "2"), ("--grid", "2x1"), ("--jigsaw", "1")],
+                         ids=["1x2", "2x1", "two-replicas"])
+def test_two_gpus_equal_one_gpu(tmp_path, layout):
+    """NCCL on 2 GPUs: 2-way over channels, 2-way over tokens, and 2 replicas (whose gradient
+    sums overlap the backward on a side stream) end where 1 GPU ends, float64."""
     from tests.test_train_cli import EXACT, max_relative_difference
     _, one = _losses(tmp_path, "one", *EXACT)
-    _, two = _losses(tmp_path, "two", *EXACT, "--jigsaw", "2", n=2)
+    _, two = _losses(tmp_path, "two", *EXACT, *layout, n=2)
     assert max_relative_difference(one / "last.h5", two / "last.h5") < 1e-10
 
 
