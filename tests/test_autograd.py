@@ -193,6 +193,19 @@ def test_layernorm_values(xp):
     np.testing.assert_allclose(to_host(y), want, rtol=1e-12, atol=1e-12)
 
 
+def test_layernorm_backward_sums_agree_between_host_and_device_forms():
+    """The device form of the last-axis backward sums (matrix-vector products) equals the host
+    form (row chunks), both on host arrays here: odd sizes, more rows than one chunk."""
+    from weathermixer.autograd.layernorm import _backward_sums_gemv, _backward_sums_rows
+    rng = np.random.default_rng(11)
+    dout, xhat = rng.standard_normal((3, 4099, 37)), rng.standard_normal((3, 4099, 37))
+    scale = rng.standard_normal(37)
+    for a, b in zip(_backward_sums_gemv(dout, xhat, scale, 2),
+                    _backward_sums_rows(dout, xhat, scale)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+
 def test_gelu_values(xp):
     u = np.linspace(-4, 4, 17)
     y, _ = gelu_forward(xp.asarray(u))

@@ -14,9 +14,10 @@ identity for an unsharded axis and a sum over the `channel` group in `jigsaw.lay
                du = rstd * (g - R1 / n - xhat * R2 / n)
                dscale, dbias = sums of dy xhat and dy over every other axis (this rank's rows)
 
-On GPUs each sum is one reduction kernel that forms its summand on the fly (`sum_of_products`)
-and each elementwise line is one fused kernel, so neither u - mean nor g is ever stored. On the
-host a last-axis LN runs the same formulas on L2-sized row chunks.
+On GPUs the forward's sums are reduction kernels that form their summands on the fly (u - mean
+is never stored), the backward's are BLAS matrix-vector products, and each elementwise line is
+one fused kernel (g is never stored). On the host a last-axis LN runs the same formulas on
+L2-sized row chunks.
 """
 from __future__ import annotations
 
@@ -24,8 +25,7 @@ import numpy as np
 
 from weathermixer.autograd.linear import sum_except
 from weathermixer.autograd.xp import (GRAIN, elementwise_kernel, get_array_module,
-                                      is_device_array, parallel_ranges, sum_kernel,
-                                      sum_of_products)
+                                      is_device_array, parallel_ranges, sum_kernel)
 
 EPS = 1e-5
 
@@ -132,11 +132,7 @@ def layernorm_backward(dout, cache, plus=None):
     if _rows(dout, axis):
         r, dscale, dbias = _backward_sums_rows(dout, xhat, scale)
     else:
-        others = tuple(i for i in range(dout.ndim) if i != axis)
-        r = xp.stack([sum_of_products(dout, s, axis=axis, keepdims=True),  # reduction R1
-                      sum_of_products(dout, s, xhat, axis=axis, keepdims=True)])  # R2
-        dscale = sum_of_products(dout, xhat, axis=others)  # [C]
-        dbias = sum_except(dout, axis)  # [C]
+        r, dscale, dbias = _backward_sums_gemv(dout, xhat, scale, axis)
     r1, r2 = allreduce(r)  # [.., 1, ..] each
     return _input_gradient(dout, s, xhat, rstd, r1, r2, n, plus), dscale, dbias
 
@@ -171,6 +167,26 @@ def _input_gradient(dout, scale, xhat, rstd, r1, r2, n, plus=None):
 
     _row_chunks(c, work, d2.shape[0])
     return du.reshape(dout.shape)
+
+
+def _backward_sums_gemv(dout, xhat, scale, axis: int):
+    """The backward's local sums as matrix-vector products (the device's form, and the host's
+    for an inner axis). Viewing dout and p = dout xhat as [lead, C, inner]:
+    R1 = scale . dout and R2 = scale . p along C, dscale and dbias the sums of p and dout over
+    every other axis. One product array and BLAS passes at memory speed (CuPy's reduction
+    kernels reach a fraction of it here)."""
+    xp = get_array_module(dout)
+    shape, c = dout.shape, dout.shape[axis]
+    lead = int(np.prod(shape[:axis], dtype=np.int64))
+    d3, p3 = dout.reshape(lead, c, -1), (dout * xhat).reshape(lead, c, -1)  # [lead, C, inner]
+    r = xp.empty((2, lead, d3.shape[-1]), dtype=dout.dtype)  # [R1 | R2, lead, inner]
+    if d3.shape[-1] == 1:  # a last-axis LN: one product over all rows
+        r[0, :, 0], r[1, :, 0] = d3[..., 0] @ scale, p3[..., 0] @ scale
+    else:
+        for i in range(lead):
+            r[0, i], r[1, i] = scale @ d3[i], scale @ p3[i]
+    keep = shape[:axis] + (1,) + shape[axis + 1:]
+    return r.reshape((2,) + keep), sum_except(p3, 1), sum_except(d3, 1)
 
 
 def _backward_sums_rows(dout, xhat, scale):

@@ -99,7 +99,7 @@ def sum_kernel(name: str, in_params: str, summand: str):
     return _KERNELS[name]
 
 
-_ROW = 4096  # elements per row of a whole-array device sum (see sum_of_products)
+_ROW = 1 << 16  # elements per row of a whole-array device sum (see sum_of_products)
 
 
 def sum_of_products(*arrays, axis=None, keepdims: bool = False):
@@ -107,7 +107,7 @@ def sum_of_products(*arrays, axis=None, keepdims: bool = False):
     kernel on GPUs (CuPy's vdot and `(a * b).sum()` write the products out first), numpy's
     product and sum on the host. CuPy gives a whole-array reduction to a single thread block,
     so a device sum over every axis of equal C-contiguous arrays runs as row sums of a
-    [n / 4096, 4096] view (one block a row), then the sum of those and of the remainder."""
+    [n / 65536, 65536] view (one block a row), then the sum of those and of the remainder."""
     a = arrays[0]
     if not is_device_array(a):
         prod = a * arrays[1] if len(arrays) == 2 else a * arrays[1] * arrays[2]
@@ -120,7 +120,7 @@ def sum_of_products(*arrays, axis=None, keepdims: bool = False):
             b.shape == a.shape and b.flags.c_contiguous for b in arrays):
         flat = [b.reshape(-1) for b in arrays]
         cut = a.size // _ROW * _ROW
-        rows = kernel(*[f[:cut].reshape(-1, _ROW) for f in flat], axis=1)  # [n // 4096]
+        rows = kernel(*[f[:cut].reshape(-1, _ROW) for f in flat], axis=1)  # [n // 65536]
         return rows.sum() + kernel(*[f[cut:] for f in flat])
     return kernel(*arrays, axis=axis, keepdims=keepdims)
 

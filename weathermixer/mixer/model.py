@@ -85,8 +85,7 @@ def mixer_block_forward(z, params, n, layout):
     u, c_tn = norm_forward(z, params, b + "token_norm", layout, -1, E)
     a1, c_t1 = dense_forward(u.swapaxes(-1, -2), params, b + "token_mixing/fc1", layout, False)
     h1, c_g1 = gelu_forward(a1, params[b + "token_mixing/fc1/bias"])  # [B, E_loc, Mt_loc]
-    o, c_t2 = dense_forward(h1, params, b + "token_mixing/fc2", layout, False,
-                            transposed_out=True)  # [B, E_loc, T_loc], token-major in memory
+    o, c_t2 = dense_forward(h1, params, b + "token_mixing/fc2", layout, False)  # [B, E_loc, T_loc]
     z = residual_forward(z, o.swapaxes(-1, -2),  # [B, T_loc, E_loc]; the bias runs along T
                          params[b + "token_mixing/fc2/bias"][:, None])
     u, c_cn = norm_forward(z, params, b + "channel_norm", layout, -1, E)
