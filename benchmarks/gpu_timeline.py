@@ -1,0 +1,118 @@
+"""When the collectives of a training step run, against the compute around them (rank 0).
+
+    mpiexec -n 2 python benchmarks/gpu_timeline.py [--grid DxC] [--batch B] [--model c1]
+                                                   [--high-priority] [--trace out.json]
+
+Runs the step of `weathermixer bench` under PyTorch's profiler (CUPTI sees CuPy's and NCCL's
+kernels) and prints, for rank 0: the step's span, the time the device computed, each NCCL
+kernel's start, length and the part of it that ran beside compute kernels, and the tail
+after the last compute kernel. `--high-priority` puts the overlapped collectives on a stream
+of the highest priority (an experiment; the package uses a default-priority stream).
+Benchmark-only: the package never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_benchmark import MODELS  # noqa: E402
+import weathermixer as wm  # noqa: E402
+from weathermixer.cli.train import make_layout  # noqa: E402
+from weathermixer.jigsaw import backend  # noqa: E402
+from weathermixer.mixer.api import loss_and_grads  # noqa: E402
+from weathermixer.mixer.bench import seconds  # noqa: E402
+from weathermixer.mixer.optim import AdamW  # noqa: E402
+from weathermixer.mixer.params import init_params  # noqa: E402
+
+
+def high_priority_side_stream(self):
+    import cupy
+    if self._side is None:
+        low, high = cupy.cuda.runtime.deviceGetStreamPriorityRange()
+        self._side = cupy.cuda.Stream(non_blocking=True, priority=high)
+    return self._side
+
+
+def merged(intervals):
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def overlap(a, b, busy):
+    return sum(max(0.0, min(b, y) - max(a, x)) for x, y in busy)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="c1", choices=sorted(MODELS))
+    ap.add_argument("--grid", default="1x1")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--high-priority", action="store_true")
+    ap.add_argument("--trace", default=None)
+    a = ap.parse_args()
+    from mpi4py import MPI
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    if a.high_priority:
+        backend.NCCLGroup._side_stream = high_priority_side_stream
+    cfg = wm.Config(**MODELS[a.model])
+    pd, pc = (int(v) for v in a.grid.split("x"))
+    layout, xp = make_layout(cfg, pd, pc, MPI.COMM_WORLD.Get_size(), "gpu", "tf32")
+    grid = layout.grid
+    params = init_params(cfg, seed=0, dtype="float32", layout=layout, xp=xp)
+    b_loc = a.batch // grid.n_dp
+    rng = np.random.default_rng(grid.world.rank)
+    h, nc, nv = layout.n_lat_local, len(layout.input_channels), len(layout.prognostic_channels)
+    x = xp.asarray(rng.standard_normal((b_loc, nc, h, cfg.n_lon), dtype=np.float32))
+    t = xp.asarray(rng.standard_normal((b_loc, nv, h, cfg.n_lon), dtype=np.float32))
+    opt = AdamW(lr=1e-5, clip_norm=1.0)
+
+    def step():
+        _, grads = loss_and_grads(params, x, t, cfg, layout=layout)
+        opt.step(params, grads, layout)
+
+    for _ in range(2):
+        step()
+    xp.cuda.Device().synchronize()
+    grid.world.barrier()
+    ms = 1e3 * float(np.median([seconds(xp, step) for _ in range(3)]))
+    grid.world.barrier()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    if grid.world.rank != 0:
+        return
+    path = a.trace or tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(path)
+    events = [e for e in json.load(open(path))["traceEvents"]
+              if e.get("cat") == "kernel" and "dur" in e]
+    nccl = [e for e in events if "nccl" in e["name"].lower()]
+    compute = [e for e in events if "nccl" not in e["name"].lower()]
+    busy = merged([(e["ts"], e["ts"] + e["dur"]) for e in compute])
+    t0 = min(e["ts"] for e in events)
+    end = max(e["ts"] + e["dur"] for e in events)
+    print(f"grid {a.grid}, batch {a.batch}, high-priority side stream: {a.high_priority}")
+    print(f"step {ms:.1f} ms (median of 3); profiled span {(end - t0) / 1e3:.1f} ms, compute busy "
+          f"{sum(y - x for x, y in busy) / 1e3:.1f} ms, last compute kernel ends at "
+          f"{(busy[-1][1] - t0) / 1e3:.1f} ms")
+    print(f"{'start ms':>9} {'ms':>7} {'beside compute ms':>18} stream  kernel")
+    for e in nccl:
+        a0, a1 = e["ts"], e["ts"] + e["dur"]
+        print(f"{(a0 - t0) / 1e3:>9.2f} {e['dur'] / 1e3:>7.2f} {overlap(a0, a1, busy) / 1e3:>18.2f} "
+              f"{e.get('args', {}).get('stream', '?'):>6}  {e['name'][:60]}")
+
+
+if __name__ == "__main__":
+    main()
