@@ -10,7 +10,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 nvidia-smi -L; python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
 C1="--n-lat 720 --n-lon 1440 --n-prognostic 69 --n-static 3 --patch-lat 1 --patch-lon 60 --embed-dim 4320 --token-hidden-dim 8640 --channel-hidden-dim 4320 --blocks 3"
 run() { echo "+ $*"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
-run python3 -m pytest -q -x tests/test_gpu.py tests/test_model.py tests/test_autograd.py -k "cupy or gpu or GPU"
+run python3 -m pytest -q -x tests/test_gpu.py tests/test_model.py tests/test_autograd.py -k "cupy or gpu or GPU" || exit 1
 if [ "$mode" = quick ]; then
   run python3 benchmarks/gpu_benchmark.py --model mid --steps 3 --no-compile
   exit 0

@@ -14,10 +14,10 @@ identity for an unsharded axis and a sum over the `channel` group in `jigsaw.lay
                du = rstd * (g - R1 / n - xhat * R2 / n)
                dscale, dbias = sums of dy xhat and dy over every other axis (this rank's rows)
 
-On GPUs the forward's sums are reduction kernels that form their summands on the fly (u - mean
-is never stored), the backward's are BLAS matrix-vector products, and each elementwise line is
-one fused kernel (g is never stored). On the host a last-axis LN runs the same formulas on
-L2-sized row chunks.
+Every sum along the normalised axis is a BLAS matrix-vector product with a ones (or scale)
+vector (`_dot_along`), every sum over the other axes one with a ones vector (`sum_except`), and
+on GPUs each elementwise line is one fused kernel (g is never stored). On the host a last-axis
+LN runs the same formulas on L2-sized row chunks.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from weathermixer.autograd.linear import sum_except
 from weathermixer.autograd.xp import (GRAIN, elementwise_kernel, get_array_module,
-                                      is_device_array, parallel_ranges, sum_kernel)
+                                      is_device_array, parallel_ranges)
 
 EPS = 1e-5
 
@@ -54,14 +54,24 @@ def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
     return out, (xhat, rstd, scale, axis, n, allreduce)
 
 
+def _dot_along(a, v, axis: int):
+    """sum over `axis` of a * v (v [C] runs along it), keepdims: BLAS matrix-vector products
+    on the [lead, C, inner] view of a C-contiguous a, which read each element once at memory
+    speed (numpy's row sums and CuPy's reduction kernels reach a fraction of it here)."""
+    xp = get_array_module(a)
+    a = xp.ascontiguousarray(a)
+    lead = int(np.prod(a.shape[:axis], dtype=np.int64))
+    a3 = a.reshape(lead, a.shape[axis], -1)  # [lead, C, inner]
+    if a3.shape[-1] == 1:  # the last axis: one product over all rows
+        out = a3[..., 0] @ v  # [lead]
+    else:
+        out = xp.stack([v @ a3[i] for i in range(lead)])  # [lead, inner]
+    return out.reshape(a.shape[:axis] + (1,) + a.shape[axis + 1:])
+
+
 def _sum_along(a, axis: int):
-    """a.sum(axis, keepdims=True). On the host, a sum over the last, contiguous axis is one
-    BLAS matrix-vector product with a ones vector (numpy's row sums are slower); CuPy's own
-    reduction kernels stay on the device, in full precision whatever the matmul mode."""
-    if not is_device_array(a) and axis == a.ndim - 1 and a.flags.c_contiguous:
-        xp = get_array_module(a)
-        return (a @ xp.ones(a.shape[-1], dtype=a.dtype))[..., None]
-    return a.sum(axis=axis, keepdims=True)
+    """a.sum(axis, keepdims=True), as `_dot_along` with a ones vector."""
+    return _dot_along(a, get_array_module(a).ones(a.shape[axis], dtype=a.dtype), axis)
 
 
 def _rows(a, axis: int) -> bool:
@@ -77,10 +87,12 @@ def _row_chunks(c: int, work, rows: int) -> None:
 
 
 def _squared_deviation(u, mean, axis: int):
-    """The local sum of (u - mean)^2 over `axis` (keepdims); u - mean is never stored whole."""
+    """The local sum of (u - mean)^2 over `axis` (keepdims). On GPUs one fused kernel writes
+    the squares, summed as `_sum_along`; on the host u - mean is never stored whole."""
     if is_device_array(u):
-        return sum_kernel("wm_ln_sq_dev", "T u, T mean", "(u - mean) * (u - mean)")(
-            u, mean, axis=axis, keepdims=True)
+        square = elementwise_kernel("wm_ln_sq_dev", "T u, T mean", "T s",
+                                    "s = (u - mean) * (u - mean)")
+        return _sum_along(square(u, mean), axis)
     if not _rows(u, axis):
         d = u - mean
         return _sum_along(d * d, axis)
@@ -171,22 +183,12 @@ def _input_gradient(dout, scale, xhat, rstd, r1, r2, n, plus=None):
 
 def _backward_sums_gemv(dout, xhat, scale, axis: int):
     """The backward's local sums as matrix-vector products (the device's form, and the host's
-    for an inner axis). Viewing dout and p = dout xhat as [lead, C, inner]:
-    R1 = scale . dout and R2 = scale . p along C, dscale and dbias the sums of p and dout over
-    every other axis. One product array and BLAS passes at memory speed (CuPy's reduction
-    kernels reach a fraction of it here)."""
-    xp = get_array_module(dout)
-    shape, c = dout.shape, dout.shape[axis]
-    lead = int(np.prod(shape[:axis], dtype=np.int64))
-    d3, p3 = dout.reshape(lead, c, -1), (dout * xhat).reshape(lead, c, -1)  # [lead, C, inner]
-    r = xp.empty((2, lead, d3.shape[-1]), dtype=dout.dtype)  # [R1 | R2, lead, inner]
-    if d3.shape[-1] == 1:  # a last-axis LN: one product over all rows
-        r[0, :, 0], r[1, :, 0] = d3[..., 0] @ scale, p3[..., 0] @ scale
-    else:
-        for i in range(lead):
-            r[0, i], r[1, i] = scale @ d3[i], scale @ p3[i]
-    keep = shape[:axis] + (1,) + shape[axis + 1:]
-    return r.reshape((2,) + keep), sum_except(p3, 1), sum_except(d3, 1)
+    for an inner axis): with p = dout xhat, R1 = sum(dout scale) and R2 = sum(p scale) along
+    `axis` (`_dot_along`), dscale and dbias the sums of p and dout over every other axis."""
+    p = dout * xhat
+    r = get_array_module(dout).stack([_dot_along(dout, scale, axis),  # reduction R1
+                                      _dot_along(p, scale, axis)])  # reduction R2
+    return r, sum_except(p, axis), sum_except(dout, axis)
 
 
 def _backward_sums_rows(dout, xhat, scale):

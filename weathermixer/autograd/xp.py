@@ -59,6 +59,32 @@ def to_module(x, xp):
     return xp.asarray(x)
 
 
+def host_to_device(xp):
+    """A function, for a reader thread, that moves host arrays to the device the caller of
+    `host_to_device` uses: through page-locked buffers (a DMA copy) on a stream of its own,
+    returning once they are there, so a step finds its batch on the device without waiting
+    for the copy. The identity for numpy."""
+    if xp is np:
+        return lambda *arrays: arrays
+    import cupyx
+    device, stream = _cupy.cuda.Device().id, _cupy.cuda.Stream(non_blocking=True)
+
+    def copy(*arrays):
+        with _cupy.cuda.Device(device), stream:
+            out, staged = [], []
+            for a in arrays:
+                pinned = cupyx.empty_pinned(a.shape, a.dtype)  # from CuPy's pinned pool
+                pinned[...] = a
+                d = _cupy.empty(a.shape, a.dtype)
+                d.set(pinned, stream=stream)
+                out.append(d)
+                staged.append(pinned)
+            stream.synchronize()  # the pinned buffers may go back to their pool now
+        return tuple(out)
+
+    return copy
+
+
 def synchronize(xp) -> None:
     """Wait for the device's queued work (a no-op for numpy), before reading a host clock."""
     if xp is not np:
@@ -89,40 +115,30 @@ def elementwise_kernel(name: str, in_params: str, out_params: str, body: str):
     return _KERNELS[name]
 
 
-def sum_kernel(name: str, in_params: str, summand: str):
-    """A cached CuPy ReductionKernel that sums `summand`, formed from its broadcast inputs on
-    the fly, over the axes it is called with: kernel(*arrays, axis=..., keepdims=...). It reads
-    each operand once and writes no temporary; the sum has the inputs' dtype T."""
-    if name not in _KERNELS:
-        _KERNELS[name] = _cupy.ReductionKernel(in_params, "T s", summand, "a + b", "s = a", "0",
-                                               name)
-    return _KERNELS[name]
+_ROW = 1 << 16  # elements per row of a device sum of squares (see sum_of_squares)
 
 
-_ROW = 1 << 16  # elements per row of a whole-array device sum (see sum_of_products)
-
-
-def sum_of_products(*arrays, axis=None, keepdims: bool = False):
-    """sum over `axis` of the elementwise product of 2 or 3 broadcast arrays: one reduction
-    kernel on GPUs (CuPy's vdot and `(a * b).sum()` write the products out first), numpy's
-    product and sum on the host. CuPy gives a whole-array reduction to a single thread block,
-    so a device sum over every axis of equal C-contiguous arrays runs as row sums of a
-    [n / 65536, 65536] view (one block a row), then the sum of those and of the remainder."""
-    a = arrays[0]
-    if not is_device_array(a):
-        prod = a * arrays[1] if len(arrays) == 2 else a * arrays[1] * arrays[2]
-        return prod.sum(axis=axis, keepdims=keepdims)
-    if len(arrays) == 2:
-        kernel = sum_kernel("wm_sum_prod2", "T a, T b", "a * b")
-    else:
-        kernel = sum_kernel("wm_sum_prod3", "T a, T b, T c", "a * b * c")
-    if axis is None and not keepdims and all(
-            b.shape == a.shape and b.flags.c_contiguous for b in arrays):
-        flat = [b.reshape(-1) for b in arrays]
-        cut = a.size // _ROW * _ROW
-        rows = kernel(*[f[:cut].reshape(-1, _ROW) for f in flat], axis=1)  # [n // 65536]
-        return rows.sum() + kernel(*[f[cut:] for f in flat])
-    return kernel(*arrays, axis=axis, keepdims=keepdims)
+def sum_of_squares(arrays) -> float:
+    """sum of g^2 over every element of every array, read back once. On GPUs each array is
+    summed as rows of a [n / 65536, 65536] view by one reduction kernel that squares on the
+    fly (CuPy's vdot writes the products out first, and its reduction kernels give a whole
+    array to a single thread block), plus its remainder; the partial sums of all arrays are
+    added in one more kernel. On the host, BLAS dot products."""
+    arrays = list(arrays)
+    if not arrays or not is_device_array(arrays[0]):
+        return sum(float(np.vdot(g.ravel(), g.ravel())) for g in arrays)
+    if "wm_sum_sq" not in _KERNELS:
+        _KERNELS["wm_sum_sq"] = _cupy.ReductionKernel("T g", "T s", "g * g", "a + b", "s = a",
+                                                      "0", "wm_sum_sq")
+    square_sum, parts = _KERNELS["wm_sum_sq"], []
+    for g in arrays:
+        flat = _cupy.ascontiguousarray(g).reshape(-1)
+        cut = flat.size // _ROW * _ROW
+        if cut:
+            parts.append(square_sum(flat[:cut].reshape(-1, _ROW), axis=1))  # [n // 65536]
+        if cut < flat.size:
+            parts.append(square_sum(flat[cut:]).reshape(1))
+    return float(_cupy.concatenate(parts).sum())
 
 
 def tune_host_allocator() -> bool:

@@ -96,17 +96,29 @@ def mixer_block_forward(z, params, n, layout):
     return z, (n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2)
 
 
-def mixer_block_backward(dz, cache, grads):
+def mixer_block_backward(dz, cache, grads, ready=None):
+    """The input gradient of block n; `ready(grads, prefix)` (when given) is told as each
+    branch's parameter gradients are complete (see `backward`)."""
     n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2 = cache
     b = f"blocks/{n}/"
+    ready = ready or _nothing_ready
     dz, dbranch = residual_backward(dz)
     dg = dense_backward(dbranch, c_c2, grads, b + "channel_mixing/fc2")
     du = dense_backward(gelu_backward(dg, c_g2), c_c1, grads, b + "channel_mixing/fc1")
     dz = norm_backward(du, c_cn, grads, b + "channel_norm", plus=dz)  # z fed the branch too
+    ready(grads, b + "channel_")  # channel_mixing and channel_norm
     dz, dbranch = residual_backward(dz)
     dh1 = dense_backward(dbranch.swapaxes(-1, -2), c_t2, grads, b + "token_mixing/fc2")
+    ready(grads, b + "token_mixing/fc2/")
     dut = dense_backward(gelu_backward(dh1, c_g1), c_t1, grads, b + "token_mixing/fc1")
-    return norm_backward(dut.swapaxes(-1, -2), c_tn, grads, b + "token_norm", plus=dz)
+    dz = norm_backward(dut.swapaxes(-1, -2), c_tn, grads, b + "token_norm", plus=dz)
+    ready(grads, b)  # the rest of the block
+    return dz
+
+
+def _nothing_ready(grads, prefix):
+    """`ready` for a backward pass whose gradients are not yet complete (an earlier rollout
+    repeat of the same block adds to them)."""
 
 
 # ---- the whole model -------------------------------------------------------------------------
@@ -143,7 +155,7 @@ def backward(dy, cache, need_dx: bool = True, release: bool = False, on_ready=No
     `cache` as soon as its backward is done (lower peak memory; the cache is then spent).
     `on_ready(grads, prefix)` is told when no later layer adds to the gradients of the
     parameters under `prefix` (`GradientSync.ready`)."""
-    ready = on_ready or (lambda grads, prefix: None)
+    ready = on_ready or _nothing_ready
     take = cache.pop if release else cache.__getitem__
     layout, (B, _, h, W), c_blocks = cache["layout"], cache["x_shape"], cache["blocks"]
     cfg, grads = layout.cfg, {}
@@ -161,11 +173,10 @@ def backward(dy, cache, need_dx: bool = True, release: bool = False, on_ready=No
     ready(grads, "head/")
     ready(grads, "decoder/")
     for n in reversed(range(len(c_blocks))):  # last block first
-        dz = mixer_block_backward(dz, c_blocks[n], grads)
+        # the first rollout repeat of a block is differentiated last: its gradients complete
+        dz = mixer_block_backward(dz, c_blocks[n], grads, ready if n < cfg.n_blocks else None)
         if release:
             c_blocks.pop()
-        if n < cfg.n_blocks:  # the first rollout repeat of block n: its last contribution
-            ready(grads, f"blocks/{n}/")
     dz0 = dz + dz0_skip  # Z0 fans out to the blocks and to the decoder skip
     dX = dense_backward(dz0, take("enc"), grads, "encoder", need_dx)
     if not need_dx:

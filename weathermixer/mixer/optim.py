@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from weathermixer.autograd.xp import (elementwise_kernel, get_array_module, is_device_array,
-                                      sum_of_products)
+                                      sum_of_squares)
 from weathermixer.jigsaw import ops
 
 
@@ -29,18 +29,9 @@ def global_grad_norm(grads: dict, layout) -> float:
     grid = layout.grid
     counted = [grads[name] for name, spec in layout.specs.items()
                if spec.replicated_over is None or grid.group(spec.replicated_over).rank == 0]
-    local = float(sum(_sum_of_squares(g) for g in counted))
+    local = sum_of_squares(counted)
     total = ops.allreduce_sum(np.array([local]), grid.model, tag="grad_norm")  # host scalar
     return math.sqrt(float(total[0]))
-
-
-def _sum_of_squares(g):
-    """sum(g^2), a scalar of g's module: one fused pass on GPUs (CuPy's vdot would first
-    write the products to a temporary as large as g)."""
-    if is_device_array(g):
-        return sum_of_products(g, g)
-    g = g.ravel()
-    return np.vdot(g, g)
 
 
 _ADAMW = """

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from weathermixer.autograd.xp import host_to_device
 from weathermixer.mixer import state
 from weathermixer.mixer.api import loss_and_grads
 from weathermixer.mixer.optim import AdamW
@@ -149,11 +150,14 @@ def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | Non
     progress = Progress(s.steps, s.log_every, grid.is_root)
     extra = dict(extra or {}, seed=s.seed, rollout=s.rollout, batch=s.batch)
 
+    to_device = host_to_device(xp)
+
     def load(step: int):
-        """(k, x, target) of `step`: this rank's tiles of this replica's samples."""
+        """(k, x, target) of `step`: this rank's tiles of this replica's samples, already on
+        the device (read and copied by the reader thread while the step before runs)."""
         k = rollout_for_step(s.seed, step, s.rollout)
         mine = sampler.positions(step)[grid.replica * b_loc:(grid.replica + 1) * b_loc]
-        return (k,) + read_batch(source, samples[mine], k, layout)
+        return (k,) + to_device(*read_batch(source, samples[mine], k, layout))
 
     reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # reads step + 1 during step
     pending = {start: reader.submit(load, start)} if start < s.steps else {}
