@@ -1,14 +1,12 @@
 """When the collectives of a training step run, against the compute around them (rank 0).
 
     mpiexec -n 2 python benchmarks/gpu_timeline.py [--grid DxC] [--batch B] [--model c1]
-                                                   [--high-priority] [--trace out.json]
+                                                   [--trace out.json]
 
 Runs the step of `weathermixer bench` under PyTorch's profiler (CUPTI sees CuPy's and NCCL's
 kernels) and prints, for rank 0: the step's span, the time the device computed, each NCCL
 kernel's start, length and the part of it that ran beside compute kernels, and the tail
-after the last compute kernel. `--high-priority` puts the overlapped collectives on a stream
-of the highest priority (an experiment; the package uses a default-priority stream).
-Benchmark-only: the package never imports torch.
+after the last compute kernel. Benchmark-only: the package never imports torch.
 """
 from __future__ import annotations
 
@@ -25,19 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_benchmark import MODELS  # noqa: E402
 import weathermixer as wm  # noqa: E402
 from weathermixer.cli.train import make_layout  # noqa: E402
-from weathermixer.jigsaw import backend  # noqa: E402
 from weathermixer.mixer.api import loss_and_grads  # noqa: E402
 from weathermixer.mixer.bench import seconds  # noqa: E402
 from weathermixer.mixer.optim import AdamW  # noqa: E402
 from weathermixer.mixer.params import init_params  # noqa: E402
-
-
-def high_priority_side_stream(self):
-    import cupy
-    if self._side is None:
-        low, high = cupy.cuda.runtime.deviceGetStreamPriorityRange()
-        self._side = cupy.cuda.Stream(non_blocking=True, priority=high)
-    return self._side
 
 
 def merged(intervals):
@@ -59,14 +48,11 @@ def main():
     ap.add_argument("--model", default="c1", choices=sorted(MODELS))
     ap.add_argument("--grid", default="1x1")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--high-priority", action="store_true")
     ap.add_argument("--trace", default=None)
     a = ap.parse_args()
     from mpi4py import MPI
     import torch
     from torch.profiler import ProfilerActivity, profile
-    if a.high_priority:
-        backend.NCCLGroup._side_stream = high_priority_side_stream
     cfg = wm.Config(**MODELS[a.model])
     pd, pc = (int(v) for v in a.grid.split("x"))
     layout, xp = make_layout(cfg, pd, pc, MPI.COMM_WORLD.Get_size(), "gpu", "tf32")
@@ -103,7 +89,7 @@ def main():
     busy = merged([(e["ts"], e["ts"] + e["dur"]) for e in compute])
     t0 = min(e["ts"] for e in events)
     end = max(e["ts"] + e["dur"] for e in events)
-    print(f"grid {a.grid}, batch {a.batch}, high-priority side stream: {a.high_priority}")
+    print(f"grid {a.grid}, batch {a.batch}")
     print(f"step {ms:.1f} ms (median of 3); profiled span {(end - t0) / 1e3:.1f} ms, compute busy "
           f"{sum(y - x for x, y in busy) / 1e3:.1f} ms, last compute kernel ends at "
           f"{(busy[-1][1] - t0) / 1e3:.1f} ms")
