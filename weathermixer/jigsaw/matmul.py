@@ -56,7 +56,7 @@ def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition
                 transposed_out: bool = False):
     """Y = X W^T: X [.., R_r, K_c], W [N_r, K_c] -> (Y [.., R_r, N_c], cache). With
     `transposed_out`, Y is a transposed view of a C-contiguous [.., N_c, R_r] array, written
-    so by the GEMM itself (token mixing keeps its outputs token-major that way)."""
+    so by the GEMM itself (the head's output, so that the prediction [B, V, h, W] is a view)."""
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
     parts = _partial_parts(x, wg, out_cols.sizes if cols.size > 1 else [wg.shape[0]],
