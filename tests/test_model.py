@@ -13,6 +13,7 @@ from weathermixer.autograd.gradcheck import directional_check
 from weathermixer.mixer.gradcheck import check_model
 from weathermixer.autograd.xp import cupy_available, module
 from weathermixer.mixer import model as model_module
+from weathermixer.mixer.api import serial_layout
 
 from reference import reference_loss, reference_predict
 
@@ -137,6 +138,28 @@ def test_gradcheck_detects_overwritten_rollout_gradients(monkeypatch):
     rows = check_model(CFG, rollout=2, per_layer=True)
     bad = {r.name for r in rows if r.error > GRAD_TOL}
     assert "blocks/0/channel_mixing/fc1" in bad and "encoder" not in bad
+
+
+@pytest.mark.parametrize("rollout", [1, 3])
+def test_gradients_are_complete_when_backward_says_ready(rollout):
+    """The data-parallel sums start when backward reports a layer's gradients ready
+    (`GradientSync`): nothing may be added to a gradient after that. Every parameter but the
+    encoder's is reported during the backward, each exactly as it ends."""
+    params = _perturbed_params(CFG)
+    x, _, _, _ = _data(CFG, batch=2)
+    y, cache = model_module.forward(params, x, serial_layout(CFG), rollout)
+    dy = np.random.default_rng(5).standard_normal(y.shape)
+    seen = {}
+
+    def on_ready(grads, prefix):
+        for name, g in grads.items():
+            if name.startswith(prefix) and name not in seen:
+                seen[name] = g.copy()
+
+    grads, _ = model_module.backward(dy, cache, need_dx=False, release=True, on_ready=on_ready)
+    assert set(seen) == {n for n in params if not n.startswith("encoder/")}
+    for name, g in seen.items():
+        assert np.array_equal(g, grads[name]), name
 
 
 def test_fc2_token_bias_gradient_is_zero():
