@@ -19,15 +19,6 @@ def is_transposed(a) -> bool:
     return a.ndim >= 2 and not a.flags.c_contiguous and a.swapaxes(-1, -2).flags.c_contiguous
 
 
-def empty_in_order_of(a, shape, dtype):
-    """An empty array of `shape` laid out as `a` is: C-contiguous, or a transposed view of a
-    C-contiguous array where `a` is one (`is_transposed`)."""
-    xp = get_array_module(a)
-    if is_transposed(a):
-        return xp.empty(shape[:-2] + (shape[-1], shape[-2]), dtype=dtype).swapaxes(-1, -2)
-    return xp.empty(shape, dtype=dtype)
-
-
 def add_bias(y, b):
     """y += b along y's last axis, in place, walking y's memory in order (for a transposed
     view the bias runs down the rows of the C-contiguous array it views)."""

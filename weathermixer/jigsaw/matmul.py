@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from weathermixer.autograd.linear import (contract_leading, empty_in_order_of, is_transposed,
-                                          matmul)
+from weathermixer.autograd.linear import contract_leading, is_transposed, matmul
 from weathermixer.autograd.xp import get_array_module
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.shard import Partition, offsets
@@ -99,6 +98,7 @@ def xwt_backward(dy, cache, need_dx: bool = True):
     x, w, grid, frame, w_rows, out_cols = cache
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     sizes, o = out_cols.sizes, offsets(out_cols.sizes)
+    xp = get_array_module(dy)
     if cols.size == 1:
         blocks = [dy]  # [.., R_r, N]
     else:
@@ -110,15 +110,16 @@ def xwt_backward(dy, cache, need_dx: bool = True):
     if need_dx:
         wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
         for p, g in enumerate(blocks):
-            term = matmul(g, wg[o[p]:o[p + 1]], out=empty_in_order_of(x, x.shape, x.dtype))
+            # [.., R_r, K_c], laid out as X is (empty_like keeps the layout: token-major in
+            # token mixing)
+            term = matmul(g, wg[o[p]:o[p + 1]], out=xp.empty_like(x))
             if dx is None:
-                dx = term  # [.., R_r, K_c], laid out as X is (token-major in token mixing)
+                dx = term
             else:
                 _storage(dx)[...] += _storage(term)
     if len(blocks) == 1:
         dwg = contract_leading(blocks[0], x)  # [N, K_c], partial over R parts
     else:
-        xp = get_array_module(dy)
         dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R parts
         for p, g in enumerate(blocks):
             dwg[o[p]:o[p + 1]] = contract_leading(g, x)
