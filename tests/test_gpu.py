@@ -74,12 +74,14 @@ def test_fused_adamw_equals_the_numpy_formula():
     rng = np.random.default_rng(3)
     p, m, g = (rng.standard_normal((5, 7)) for _ in range(3))
     v = rng.uniform(0.1, 1.0, (5, 7))
-    args = (0.7, 0.9, 0.999, 1e-3 / 0.1, 1 - 0.999 ** 3, 1e-8, 0.99)
-    dev = [cp.asarray(a) for a in (p, m, v)]
-    adamw_update(*dev, cp.asarray(g), *args)
-    adamw_update(p, m, v, g, *args)
-    for d, h in zip(dev, (p, m, v)):
-        assert np.abs(cp.asnumpy(d) - h).max() < 1e-14
+    for applied in (1.0, 0.0):  # a step, and a skipped one
+        s = np.array([0.7, 1e-3 / 0.1, 1 - 0.999 ** 3, applied])  # scale, lr / c1, c2, applied
+        args = (0.9, 0.999, 1e-8, 0.99)
+        dev = [cp.asarray(a) for a in (p, m, v)]
+        adamw_update(*dev, cp.asarray(g), cp.asarray(s), *args)
+        adamw_update(p, m, v, g, s, *args)
+        for d, h in zip(dev, (p, m, v)):
+            assert np.abs(cp.asnumpy(d) - h).max() < 1e-14
 
 
 def test_four_way_with_ranks_sharing_gpus_equals_one_gpu(tmp_path):

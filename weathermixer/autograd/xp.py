@@ -118,15 +118,16 @@ def elementwise_kernel(name: str, in_params: str, out_params: str, body: str):
 _ROW = 1 << 16  # elements per row of a device sum of squares (see sum_of_squares)
 
 
-def sum_of_squares(arrays) -> float:
-    """sum of g^2 over every element of every array, read back once. On GPUs each array is
-    summed as rows of a [n / 65536, 65536] view by one reduction kernel that squares on the
-    fly (CuPy's vdot writes the products out first, and its reduction kernels give a whole
-    array to a single thread block), plus its remainder; the partial sums of all arrays are
-    added in one more kernel. On the host, BLAS dot products."""
+def sum_of_squares(arrays):
+    """[1]: the sum of g^2 over every element of every array, an array of their module (no
+    read-back). On GPUs each array is summed as rows of a [n / 65536, 65536] view by one
+    reduction kernel that squares on the fly (CuPy's vdot writes the products out first, and
+    its reduction kernels give a whole array to a single thread block), plus its remainder;
+    the partial sums of all arrays are added in one more kernel. On the host, BLAS dot
+    products."""
     arrays = list(arrays)
     if not arrays or not is_device_array(arrays[0]):
-        return sum(float(np.vdot(g.ravel(), g.ravel())) for g in arrays)
+        return np.array([sum(float(np.vdot(g.ravel(), g.ravel())) for g in arrays)])
     if "wm_sum_sq" not in _KERNELS:
         _KERNELS["wm_sum_sq"] = _cupy.ReductionKernel("T g", "T s", "g * g", "a + b", "s = a",
                                                       "0", "wm_sum_sq")
@@ -138,7 +139,7 @@ def sum_of_squares(arrays) -> float:
             parts.append(square_sum(flat[:cut].reshape(-1, _ROW), axis=1))  # [n // 65536]
         if cut < flat.size:
             parts.append(square_sum(flat[cut:]).reshape(1))
-    return float(_cupy.concatenate(parts).sum())
+    return _cupy.concatenate(parts).sum().reshape(1)
 
 
 def tune_host_allocator() -> bool:

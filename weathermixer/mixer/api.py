@@ -10,7 +10,7 @@ and the gradients come back as this rank's blocks of the true gradient of the gl
 from __future__ import annotations
 
 from weathermixer.autograd.loss import weighted_sse_backward, weighted_sse_forward
-from weathermixer.autograd.xp import get_array_module, to_module
+from weathermixer.autograd.xp import get_array_module, to_host, to_module
 from weathermixer.config import Config
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.grid import ProcessGrid
@@ -46,6 +46,16 @@ def predict(params: dict, x, cfg: Config, rollout: int = 1, layout: Layout | Non
 def loss_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
                    lat_weights=None, var_weights=None, layout: Layout | None = None):
     """(L, grads): the weighted MSE of SPEC.md over the global batch and its gradient."""
+    loss, grads = loss_array_and_grads(params, x, target, cfg, rollout, lat_weights,
+                                       var_weights, layout)
+    return float(to_host(loss)[0]), grads
+
+
+def loss_array_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
+                         lat_weights=None, var_weights=None, layout: Layout | None = None):
+    """`loss_and_grads` with the loss left as a [1] array of the parameters' module: nothing
+    waits for the device, so a training step reads the loss back with its other statistics
+    once the whole step is queued."""
     layout, xp, x = _prepare(params, x, cfg, layout)
     target = to_module(target, xp).astype(x.dtype, copy=False)
     nv = len(layout.prognostic_channels)
@@ -65,7 +75,7 @@ def loss_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
     sync.finish(grads)
     loss = ops.allreduce_sum(ops.allreduce_sum(xp.reshape(part, (1,)), grid.model, tag="loss"),
                              grid.data, tag="loss")
-    return float(loss[0]), {name: grads[name] for name in params}  # params' key order
+    return loss, {name: grads[name] for name in params}  # params' key order
 
 
 def _weights(w, n: int, xp, dtype):

@@ -5,7 +5,7 @@
 
     forward   predict
     backward  loss_and_grads minus forward
-    step      loss_and_grads + AdamW (the training step)
+    step      loss_and_grads + AdamW (the training step; nothing in it waits for the device)
 
 and reports per rank: ms per step, achieved TFLOP/s (2 m n k per GEMM of the forward pass,
 3x that for a step, divided over the ranks of a model group), the same against the rate of
@@ -24,7 +24,7 @@ import numpy as np
 
 from weathermixer.autograd.xp import synchronize
 from weathermixer.jigsaw.backend import COMM_LOG
-from weathermixer.mixer.api import loss_and_grads, predict
+from weathermixer.mixer.api import loss_array_and_grads, predict
 from weathermixer.mixer.optim import AdamW
 from weathermixer.mixer.params import init_params
 
@@ -105,7 +105,7 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
         predict(params, x, cfg, rollout=rollout, layout=layout)
 
     def gradients():
-        return loss_and_grads(params, x, target, cfg, rollout=rollout, layout=layout)
+        return loss_array_and_grads(params, x, target, cfg, rollout=rollout, layout=layout)
 
     def step():
         _, grads = gradients()

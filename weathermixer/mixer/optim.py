@@ -9,49 +9,69 @@ Holders of a replicated block (`ShardSpec.replicated_over`) receive identical gr
     p    <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) - lr wd p   (wd: weights only)
 
 Weight decay is decoupled (Loshchilov & Hutter) and applies to 2-D weights, not to biases or
-LayerNorm parameters.
+LayerNorm parameters. A step whose norm is not finite changes nothing (t included).
+
+Nothing here waits for the device: the norm, the clipping factor, the step count t and the
+decision to skip are arrays of the parameters' module (a few numbers on the GPU), which the
+update kernels read. The caller reads the step's statistics back once, after the whole step
+is queued (`read_back`).
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from weathermixer.autograd.xp import (elementwise_kernel, get_array_module, is_device_array,
-                                      sum_of_squares)
+                                      sum_of_squares, to_host)
 from weathermixer.jigsaw import ops
 
 
-def global_grad_norm(grads: dict, layout) -> float:
-    """sqrt of the sum of squares of every parameter's gradient, each element counted once:
-    a block replicated over a group is counted only by that group's member 0. On GPUs the
-    per-parameter sums stay on the device and are read back once."""
+def global_grad_norm_squared(grads: dict, layout):
+    """[1]: the sum of squares of every parameter's gradient, each element counted once (a
+    block replicated over a group is counted only by that group's member 0), summed over
+    `model`. On GPUs it stays on the device."""
     grid = layout.grid
     counted = [grads[name] for name, spec in layout.specs.items()
                if spec.replicated_over is None or grid.group(spec.replicated_over).rank == 0]
-    local = sum_of_squares(counted)
-    total = ops.allreduce_sum(np.array([local]), grid.model, tag="grad_norm")  # host scalar
-    return math.sqrt(float(total[0]))
+    return ops.allreduce_sum(sum_of_squares(counted), grid.model, tag="grad_norm")
+
+
+def step_scalars(norm_sq, t, clip, betas, lr):
+    """From the squared norm [1] and the steps taken so far t [1] (float64): the update's
+    scalars [scale, lr / c1, c2, applied] and the new t, all arrays of the same module.
+    applied is 1 where the norm is finite, else 0 (and t stays)."""
+    xp = get_array_module(norm_sq)
+    norm_sq = norm_sq.astype(np.float64)
+    applied = xp.isfinite(norm_sq)
+    norm = xp.sqrt(xp.where(applied, norm_sq, 0.0))
+    scale = xp.ones_like(norm) if clip is None else xp.minimum(1.0, clip / (norm + 1e-12))
+    t = t + applied
+    b1, b2 = betas
+    c1, c2 = 1.0 - b1 ** xp.maximum(t, 1.0), 1.0 - b2 ** xp.maximum(t, 1.0)
+    return xp.concatenate([xp.where(applied, scale, 0.0), lr / c1, c2, applied * 1.0]), t
 
 
 _ADAMW = """
-T gs = g * scale;
-m = b1 * m + (T(1) - b1) * gs;
-v = b2 * v + (T(1) - b2) * gs * gs;
-p = p * decay - lr_c1 * m / (sqrt(v / c2) + eps);
+if (s[3] != T(0)) {
+    T gs = g * s[0];
+    m = b1 * m + (T(1) - b1) * gs;
+    v = b2 * v + (T(1) - b2) * gs * gs;
+    p = p * decay - s[1] * m / (sqrt(v / s[2]) + eps);
+}
 """
 
 
-def adamw_update(p, m, v, g, scale, b1, b2, lr_c1, c2, eps, decay):
-    """In place: m, v <- the moments of the clipped gradient g * scale; p <- the AdamW step.
-    One fused pass over (p, m, v, g) on GPUs; the same formula in numpy on CPUs."""
+def adamw_update(p, m, v, g, s, b1, b2, eps, decay):
+    """In place: m, v <- the moments of the clipped gradient g * s[0]; p <- the AdamW step with
+    lr / c1 = s[1] and c2 = s[2], only where s[3] (applied) is 1. s [4] is `step_scalars`'s,
+    in p's dtype. One fused pass over (p, m, v, g) on GPUs; the same formula in numpy on CPUs."""
     if is_device_array(p):
         t = p.dtype.type
-        elementwise_kernel("wm_adamw", "T g, T scale, T b1, T b2, T lr_c1, T c2, T eps, T decay",
-                           "T p, T m, T v", _ADAMW)(g, t(scale), t(b1), t(b2), t(lr_c1), t(c2),
-                                                     t(eps), t(decay), p, m, v)
+        elementwise_kernel("wm_adamw", "T g, raw T s, T b1, T b2, T eps, T decay",
+                           "T p, T m, T v", _ADAMW)(g, s, t(b1), t(b2), t(eps), t(decay), p, m, v)
         return
-    xp = get_array_module(p)
+    scale, lr_c1, c2, applied = (float(a) for a in s)
+    if not applied:
+        return
     gs = g * scale if scale != 1.0 else g
     m *= b1
     m += (1.0 - b1) * gs
@@ -59,7 +79,16 @@ def adamw_update(p, m, v, g, scale, b1, b2, lr_c1, c2, eps, decay):
     v += (1.0 - b2) * (gs * gs)
     if decay != 1.0:
         p *= decay
-    p -= lr_c1 * m / (xp.sqrt(v / c2) + eps)
+    p -= lr_c1 * m / (np.sqrt(v / c2) + eps)
+
+
+def read_back(values: dict) -> dict:
+    """{name: [1] array} -> {name: float}, in one device-to-host copy (a wait for the device:
+    call it once the whole step is queued)."""
+    xp = get_array_module(*values.values())
+    flat = to_host(xp.concatenate([xp.asarray(v, dtype=np.float64).reshape(1)
+                                   for v in values.values()]))
+    return {name: float(x) for name, x in zip(values, flat)}
 
 
 class AdamW:
@@ -69,35 +98,40 @@ class AdamW:
                  weight_decay: float = 0.0, clip_norm: float | None = None):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.clip_norm = weight_decay, clip_norm
-        self.t = 0
+        self._t = np.zeros(1)  # [1] float64, of the parameters' module after the first step
         self.m: dict = {}
         self.v: dict = {}
 
+    @property
+    def t(self) -> int:
+        """Steps applied so far (a read-back on GPUs)."""
+        return int(to_host(self._t)[0])
+
     def step(self, params: dict, grads: dict, layout) -> dict:
-        """Update `params` in place. Returns {"grad_norm", "clip_scale", "skipped"}; a
-        non-finite norm skips the step on every rank alike (the norm is agreed over `model`,
+        """Queue the update of `params` in place. Returns {"grad_norm", "clip_scale",
+        "skipped"} as [1] arrays of the parameters' module (`read_back` makes them numbers).
+        A non-finite norm skips the step on every rank alike (the norm is summed over `model`,
         and replicas hold identical gradients)."""
-        norm = global_grad_norm(grads, layout)
-        if not math.isfinite(norm):
-            return {"grad_norm": norm, "clip_scale": 0.0, "skipped": True}
-        scale = 1.0
-        if self.clip_norm is not None and norm > self.clip_norm:
-            scale = self.clip_norm / (norm + 1e-12)
-        self.t += 1
+        norm_sq = global_grad_norm_squared(grads, layout)
+        xp = get_array_module(norm_sq)
+        s, self._t = step_scalars(norm_sq, xp.asarray(self._t), self.clip_norm, self.betas,
+                                  self.lr)
         b1, b2 = self.betas
-        c1, c2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        in_dtype = {}  # s in each parameter dtype, made once
         for name, p in params.items():
             if name not in self.m:  # first step: zero moments (not re-made every step)
-                xp = get_array_module(p)
                 self.m[name], self.v[name] = xp.zeros_like(p), xp.zeros_like(p)
-            m, v = self.m[name], self.v[name]
             decay = 1.0 - self.lr * self.weight_decay if p.ndim == 2 else 1.0
-            adamw_update(p, m, v, grads[name], scale, b1, b2, self.lr / c1, c2, self.eps, decay)
-        return {"grad_norm": norm, "clip_scale": scale, "skipped": False}
+            if p.dtype not in in_dtype:
+                in_dtype[p.dtype] = s.astype(p.dtype)
+            adamw_update(p, self.m[name], self.v[name], grads[name], in_dtype[p.dtype], b1, b2,
+                         self.eps, decay)
+        return {"grad_norm": xp.sqrt(norm_sq.astype(np.float64)), "clip_scale": s[0:1],
+                "skipped": 1.0 - s[3:4]}
 
     def state(self) -> dict:
         """{'m': {...}, 'v': {...}} (this rank's blocks) for a checkpoint."""
         return {"m": self.m, "v": self.v}
 
     def load_state(self, states: dict, t: int):
-        self.m, self.v, self.t = dict(states["m"]), dict(states["v"]), int(t)
+        self.m, self.v, self._t = dict(states["m"]), dict(states["v"]), np.array([float(t)])

@@ -23,8 +23,8 @@ import numpy as np
 
 from weathermixer.autograd.xp import host_to_device
 from weathermixer.mixer import state
-from weathermixer.mixer.api import loss_and_grads
-from weathermixer.mixer.optim import AdamW
+from weathermixer.mixer.api import loss_array_and_grads
+from weathermixer.mixer.optim import AdamW, read_back
 from weathermixer.mixer.params import init_params
 
 
@@ -167,11 +167,11 @@ def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | Non
         k, x, target = pending.pop(step).result()
         if step + 1 < s.steps:
             pending[step + 1] = reader.submit(load, step + 1)
-        loss, grads = loss_and_grads(params, x, target, cfg, rollout=k, lat_weights=lat_w,
-                                     layout=layout)
-        info = opt.step(params, grads, layout)
-        return {"step": step + 1, "loss": loss, "rollout": k,
-                "seconds": time.perf_counter() - t0, **info}
+        loss, grads = loss_array_and_grads(params, x, target, cfg, rollout=k,
+                                           lat_weights=lat_w, layout=layout)
+        stats = read_back({"loss": loss, **opt.step(params, grads, layout)})  # the one wait
+        stats["skipped"] = bool(stats["skipped"])
+        return {"step": step + 1, **stats, "rollout": k, "seconds": time.perf_counter() - t0}
 
     history, done = [], start
     with StopRequest() as stop:
