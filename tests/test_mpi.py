@@ -1,4 +1,4 @@
-"""Runs the multi-rank tests of tests/mpi/ under mpiexec with 1, 2, 4 and 8 ranks.
+"""Runs the multi-rank tests of tests/mpi/ under mpiexec with 1 to 8 ranks.
 
 Each run is `mpiexec -n N python -m mpi4py -m pytest -x tests/mpi/<file>` inside a wall-clock
 limit: a failing rank fails the whole run (collective verdicts, MPI_Abort on exit), and a run
@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [("test_ops_mpi.py", n) for n in (1, 2, 4)] + \
         [("test_kernels_mpi.py", n) for n in (1, 2, 4)] + \
         [("test_model_mpi.py", n) for n in (1, 2, 4, 8)] + \
-        [("test_data_mpi.py", n) for n in (1, 2, 4)]
+        [("test_data_mpi.py", n) for n in (1, 2, 4)] + \
+        [("test_backend_mpi.py", n) for n in (1, 2, 3)]
 LIMIT_S = 300
 
 

@@ -5,9 +5,12 @@
 - `LocalGroup`: a group of one rank. Every collective returns its input unchanged, so the
   serial model runs through exactly the parallel code at no cost.
 - `MPIGroup`: mpi4py over an MPI communicator, with upper-case (buffer) methods only, so no
-  object is ever pickled. CuPy arrays are staged through host memory (after the stream is
-  synchronised by the copy) because the usual MPI builds are not CUDA-aware and crash when
-  handed device pointers.
+  object is ever pickled. A group's `cuda_aware` is `mpi_cuda_aware()`: where the MPI library
+  reports CUDA device memory among its memory allocation kinds (MPI 4.1), CuPy arrays go to
+  MPI as they are, after the current stream is synchronised (MPI does not see CuPy's
+  streams), and receive buffers are CuPy arrays. Everywhere else CuPy arrays are staged
+  through host memory (the copy synchronises the stream), because the usual MPI builds are
+  not CUDA-aware and crash when handed device pointers.
 
 Every collective takes `tag`, the name of the operator that calls it, and records the bytes
 this rank sends and the seconds it waits in `COMM_LOG` (for `weathermixer bench`).
@@ -17,7 +20,9 @@ travel on the wire.
 from __future__ import annotations
 
 import collections
+import functools
 import json
+import os
 import time
 
 import numpy as np
@@ -56,6 +61,7 @@ class LocalGroup:
     """A group of one rank: every collective is the identity."""
     size = 1
     rank = 0
+    pipeline_chunks = 1
 
     def __init__(self, name: str = "local"):
         self.name = name
@@ -72,7 +78,7 @@ class LocalGroup:
     def reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
         return x
 
-    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
+    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter", overlap: bool = False):
         return parts[0]
 
     def allgather_parts(self, x, tag: str = "allgather"):
@@ -98,10 +104,48 @@ class LocalGroup:
 
 
 _MPI_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+CUDA_AWARE_ENV = "WEATHERMIXER_CUDA_AWARE_MPI"
+
+
+def _memory_alloc_kinds() -> str | None:
+    """MPI_COMM_WORLD's `mpi_memory_alloc_kinds` info value (MPI 4.1), e.g. "mpi,system" or
+    "mpi,system,cuda:device"; None where the MPI library does not set the key."""
+    from mpi4py import MPI
+    info = MPI.COMM_WORLD.Get_info()
+    try:
+        return info.Get("mpi_memory_alloc_kinds")
+    finally:
+        info.Free()
+
+
+@functools.cache
+def mpi_cuda_aware() -> bool:
+    """True only where the MPI library reports at run time that it takes CUDA device memory:
+    "cuda" (every CUDA allocation) or "cuda:device" among its memory allocation kinds.
+    False where it reports neither, where it does not set the key (MPI before 4.1), where the
+    query fails, and where WEATHERMIXER_CUDA_AWARE_MPI=0. No setting turns it on where MPI
+    does not report it: device pointers handed to an MPI that is not CUDA-aware crash the
+    process. Cached: the first answer holds for the process."""
+    if os.environ.get(CUDA_AWARE_ENV) == "0":
+        return False
+    try:
+        kinds = _memory_alloc_kinds()
+    except Exception:  # no mpi4py, or an MPI that fails the query: stage through the host
+        return False
+    return kinds is not None and not {"cuda", "cuda:device"}.isdisjoint(
+        k.strip() for k in kinds.split(","))
+
+
+def _synchronize(x):
+    """Wait for the work queued on the current stream of device array `x`'s module."""
+    get_array_module(x).cuda.get_current_stream().synchronize()
 
 
 class MPIGroup:
-    """A group over an mpi4py communicator (host buffers; CuPy staged through the host)."""
+    """A group over an mpi4py communicator: host buffers, and CuPy buffers where `cuda_aware`
+    (CuPy arrays are staged through the host otherwise). Its collectives complete before they
+    return, so a pipelined kernel gains nothing from chunks here (`pipeline_chunks` = 1)."""
+    pipeline_chunks = 1
 
     def __init__(self, comm, name: str):
         from mpi4py import MPI
@@ -110,14 +154,26 @@ class MPIGroup:
         self.name = name
         self.size = comm.Get_size()
         self.rank = comm.Get_rank()
+        self.cuda_aware = mpi_cuda_aware()
 
     # -- helpers -------------------------------------------------------------------------
     def _op(self, op: str):
         return getattr(self.MPI, _MPI_OPS[op])
 
-    @staticmethod
-    def _host(x) -> np.ndarray:
+    def _wire(self, x):
+        """`x` as it goes to MPI, C-contiguous: on the device, with the current stream
+        synchronised, where this group is CUDA-aware and `x` is a device array; otherwise
+        on the host (a copy of a device array)."""
+        if self.cuda_aware and is_device_array(x):
+            x = get_array_module(x).ascontiguousarray(x)
+            _synchronize(x)
+            return x
         return np.ascontiguousarray(to_host(x))
+
+    @staticmethod
+    def _empty(shape, dtype, like):
+        """An uninitialised receive buffer in the module (numpy or CuPy) of `like`."""
+        return get_array_module(like).empty(shape, dtype=dtype)
 
     # -- collectives ---------------------------------------------------------------------
     def allreduce(self, x, op: str = "sum", tag: str = "allreduce", overlap: bool = False):
@@ -126,8 +182,8 @@ class MPIGroup:
         if self.size == 1:
             return x
         xp, t0 = get_array_module(x), time.perf_counter()
-        send = self._host(x)
-        recv = np.empty_like(send)
+        send = self._wire(x)
+        recv = self._empty(send.shape, send.dtype, send)
         self.comm.Allreduce(send, recv, op=self._op(op))
         out = to_module(recv, xp)
         COMM_LOG.record(tag, 2 * send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
@@ -141,12 +197,12 @@ class MPIGroup:
         if self.size == 1:
             return x
         xp, t0 = get_array_module(x), time.perf_counter()
-        send = self._host(np.moveaxis(to_host(x), axis, 0))  # [sizes[rank], ...rest]
+        send = self._wire(xp.moveaxis(x, axis, 0))  # [sizes[rank], ...rest]
         rest = send.shape[1:]
         inner = int(np.prod(rest, dtype=np.int64))
-        recv = np.empty((sum(sizes),) + rest, dtype=send.dtype)  # [sum(sizes), ...rest]
+        recv = self._empty((sum(sizes),) + rest, send.dtype, send)  # [sum(sizes), ...rest]
         self.comm.Allgatherv(send, [recv, [s * inner for s in sizes]])
-        out = to_module(np.moveaxis(recv, 0, axis), xp)
+        out = xp.moveaxis(to_module(recv, xp), 0, axis)
         COMM_LOG.record(tag, send.nbytes * (self.size - 1), time.perf_counter() - t0)
         return out
 
@@ -155,24 +211,25 @@ class MPIGroup:
         if self.size == 1:
             return x
         xp, t0 = get_array_module(x), time.perf_counter()
-        send = self._host(np.moveaxis(to_host(x), axis, 0))  # [sum(sizes), ...rest]
+        send = self._wire(xp.moveaxis(x, axis, 0))  # [sum(sizes), ...rest]
         rest = send.shape[1:]
         inner = int(np.prod(rest, dtype=np.int64))
-        recv = np.empty((sizes[self.rank],) + rest, dtype=send.dtype)
+        recv = self._empty((sizes[self.rank],) + rest, send.dtype, send)
         self.comm.Reduce_scatter(send, recv, recvcounts=[s * inner for s in sizes],
                                  op=self.MPI.SUM)
-        out = to_module(np.moveaxis(recv, 0, axis), xp)
+        out = xp.moveaxis(to_module(recv, xp), 0, axis)
         COMM_LOG.record(tag, send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
         return out
 
-    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
+    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter", overlap: bool = False):
         """parts [size, ...]: one equal-shaped block per member; returns the sum over members
-        of block `rank` [...]. No transpose: the blocks are already whole on the wire."""
+        of block `rank` [...]. No transpose: the blocks are already whole on the wire.
+        (`overlap`: see `allreduce`.)"""
         if self.size == 1:
             return parts[0]
         xp, t0 = get_array_module(parts), time.perf_counter()
-        send = self._host(parts)
-        recv = np.empty(send.shape[1:], dtype=send.dtype)
+        send = self._wire(parts)
+        recv = self._empty(send.shape[1:], send.dtype, send)
         self.comm.Reduce_scatter_block(send, recv, op=self.MPI.SUM)
         COMM_LOG.record(tag, send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
         return to_module(recv, xp)
@@ -182,33 +239,37 @@ class MPIGroup:
         if self.size == 1:
             return x[None]
         xp, t0 = get_array_module(x), time.perf_counter()
-        send = self._host(x)
-        recv = np.empty((self.size,) + send.shape, dtype=send.dtype)
+        send = self._wire(x)
+        recv = self._empty((self.size,) + send.shape, send.dtype, send)
         self.comm.Allgather(send, recv)
         COMM_LOG.record(tag, send.nbytes * (self.size - 1), time.perf_counter() - t0)
         return to_module(recv, xp)
 
     def bcast(self, x, root: int = 0, tag: str = "bcast"):
+        """Root's array on every member. Elsewhere `x` gives the shape and dtype, and is
+        overwritten where it can serve as the receive buffer itself."""
         if self.size == 1:
             return x
         xp = get_array_module(x)
-        buf = self._host(x)
+        buf = self._wire(x)
         self.comm.Bcast(buf, root=root)
         return to_module(buf, xp)
 
     def gather(self, x, root: int = 0, tag: str = "gather"):
-        """Every member's array (shapes may differ) as a list on `root`, None elsewhere."""
-        send = self._host(x)
+        """Every member's array (shapes may differ) as a list on `root`, in the module of
+        root's `x`; None elsewhere."""
+        xp = get_array_module(x)
+        send = self._wire(x)
         dims = np.array(send.shape, dtype=np.int64)
         ndim = len(dims)
         all_dims = np.empty((self.size, ndim), dtype=np.int64)
         self.comm.Allgather(dims, all_dims)
         counts = [int(np.prod(d)) for d in all_dims]
-        recv = np.empty(sum(counts), dtype=send.dtype) if self.rank == root else None
+        recv = self._empty(sum(counts), send.dtype, send) if self.rank == root else None
         self.comm.Gatherv(send.ravel(), [recv, counts] if self.rank == root else None, root=root)
         if self.rank != root:
             return None
-        out, o = [], 0
+        recv, out, o = to_module(recv, xp), [], 0
         for d, c in zip(all_dims, counts):
             out.append(recv[o:o + c].reshape(tuple(d)))
             o += c
@@ -240,9 +301,15 @@ class MPIGroup:
         self.comm.Barrier()
 
 
+PIPELINE_ENV = "WEATHERMIXER_PIPELINE_CHUNKS"
+
+
 class NCCLGroup(MPIGroup):
     """An MPI group that also holds an NCCL communicator: CuPy arrays travel over NCCL (on
-    the current stream, no host copy), host arrays over MPI as in `MPIGroup`.
+    the current stream, or overlapped on a side stream; no host copy), host arrays over MPI
+    as in `MPIGroup`. `pipeline_chunks` (4, or WEATHERMIXER_PIPELINE_CHUNKS) is how many
+    pieces a kernel cuts a reduce-scatter into to overlap it with its own GEMMs
+    (`jigsaw.matmul`).
 
     The NCCL unique id is made on group rank 0 and broadcast over the group's MPI
     communicator; the CUDA device must be chosen before the group is made. NCCL collectives
@@ -260,6 +327,7 @@ class NCCLGroup(MPIGroup):
         uid = bytes(buf) if isinstance(uid, bytes) else tuple(int(v) for v in buf.view(np.int8))
         self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
         self._side, self._in_flight = None, []  # stream and arrays of overlapped collectives
+        self.pipeline_chunks = int(os.environ.get(PIPELINE_ENV, "4"))
 
     # -- helpers -------------------------------------------------------------------------
     def _dtype(self, x):
@@ -267,49 +335,44 @@ class NCCLGroup(MPIGroup):
                  "int32": self._nccl.NCCL_INT32, "int64": self._nccl.NCCL_INT64}
         return codes[x.dtype.name]
 
-    @staticmethod
-    def _stream():
+    def _launch(self, tag: str, nbytes: float, collective, overlap: bool = False, keep=()):
+        """Queue collective(stream pointer). On the current stream by default (timed on its
+        own while the bench asks: `COMM_LOG.synchronize`); with `overlap`, on this group's
+        side stream once the work queued so far on the current stream is done, while the
+        current stream goes on at once: `wait()` joins the two, and the arrays in `keep`
+        (the buffers on the wire) stay alive until then."""
         import cupy
-        return cupy.cuda.get_current_stream().ptr
-
-    def _timed(self, tag, nbytes, fn):
-        import cupy
+        current = cupy.cuda.get_current_stream()
+        if overlap and not COMM_LOG.synchronize:
+            side = self._side_stream()
+            side.wait_event(current.record())
+            collective(side.ptr)
+            self._in_flight.extend(keep)
+            COMM_LOG.record(tag, nbytes, 0.0)
+            return
         if COMM_LOG.synchronize:  # wait for queued compute first: it is not communication
-            cupy.cuda.get_current_stream().synchronize()
+            current.synchronize()
         t0 = time.perf_counter()
-        out = fn()
+        collective(current.ptr)
         if COMM_LOG.synchronize:
-            cupy.cuda.get_current_stream().synchronize()
+            current.synchronize()
         COMM_LOG.record(tag, nbytes, time.perf_counter() - t0)
-        return out
 
     # -- collectives on device arrays ----------------------------------------------------
     def allreduce(self, x, op: str = "sum", tag: str = "allreduce", overlap: bool = False):
-        """With `overlap`, the sum runs in place on this group's side stream once the work
-        queued so far on the current stream is done, and the current stream goes on at once:
-        the result is complete after `wait()`. (Not while the bench times collectives.)"""
+        """With `overlap`, the sum runs in place on this group's side stream (see `_launch`):
+        the result is complete after `wait()`."""
         if self.size == 1 or not is_device_array(x):
             return super().allreduce(x, op, tag, overlap)
         xp = get_array_module(x)
         send = xp.ascontiguousarray(x)
+        recv = send if overlap else xp.empty_like(send)
         ops = {"sum": self._nccl.NCCL_SUM, "max": self._nccl.NCCL_MAX, "min": self._nccl.NCCL_MIN}
-        nbytes = 2 * send.nbytes * (self.size - 1) / self.size
-        if overlap and not COMM_LOG.synchronize:
-            self._in_flight.append(send)  # kept alive until wait()
-            side = self._side_stream()
-            side.wait_event(xp.cuda.get_current_stream().record())
-            self.nccl.allReduce(send.data.ptr, send.data.ptr, send.size, self._dtype(send),
-                                ops[op], side.ptr)
-            COMM_LOG.record(tag, nbytes, 0.0)
-            return send
-        recv = xp.empty_like(send)
-
-        def run():
-            self.nccl.allReduce(send.data.ptr, recv.data.ptr, send.size, self._dtype(send),
-                                ops[op], self._stream())
-            return recv
-
-        return self._timed(tag, nbytes, run)
+        self._launch(tag, 2 * send.nbytes * (self.size - 1) / self.size,
+                     lambda stream: self.nccl.allReduce(send.data.ptr, recv.data.ptr, send.size,
+                                                        self._dtype(send), ops[op], stream),
+                     overlap, keep=(send,))
+        return recv
 
     def _side_stream(self):
         import cupy
@@ -358,19 +421,19 @@ class NCCLGroup(MPIGroup):
         mine = self.reduce_scatter_parts(parts, tag)  # [m, ...rest]
         return xp.moveaxis(mine[:sizes[self.rank]], 0, axis)
 
-    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
+    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter", overlap: bool = False):
+        """With `overlap`, on the side stream (see `_launch`): complete after `wait()`."""
         if self.size == 1 or not is_device_array(parts):
             return super().reduce_scatter_parts(parts, tag)
         xp = get_array_module(parts)
         send = xp.ascontiguousarray(parts)
         recv = xp.empty(send.shape[1:], dtype=send.dtype)
-
-        def run():
-            self.nccl.reduceScatter(send.data.ptr, recv.data.ptr, recv.size, self._dtype(recv),
-                                    self._nccl.NCCL_SUM, self._stream())
-            return recv
-
-        return self._timed(tag, send.nbytes * (self.size - 1) / self.size, run)
+        self._launch(tag, send.nbytes * (self.size - 1) / self.size,
+                     lambda stream: self.nccl.reduceScatter(send.data.ptr, recv.data.ptr,
+                                                            recv.size, self._dtype(recv),
+                                                            self._nccl.NCCL_SUM, stream),
+                     overlap, keep=(send, recv))
+        return recv
 
     def allgather_parts(self, x, tag: str = "allgather"):
         if self.size == 1 or not is_device_array(x):
@@ -378,10 +441,7 @@ class NCCLGroup(MPIGroup):
         xp = get_array_module(x)
         send = xp.ascontiguousarray(x)
         recv = xp.empty((self.size,) + send.shape, dtype=send.dtype)
-
-        def run():
-            self.nccl.allGather(send.data.ptr, recv.data.ptr, send.size, self._dtype(send),
-                                self._stream())
-            return recv
-
-        return self._timed(tag, send.nbytes * (self.size - 1), run)
+        self._launch(tag, send.nbytes * (self.size - 1),
+                     lambda stream: self.nccl.allGather(send.data.ptr, recv.data.ptr, send.size,
+                                                        self._dtype(send), stream))
+        return recv

@@ -82,8 +82,9 @@ class ProcessGrid:
     def from_mpi(cls, pd: int, pc: int, comm=None, backend: str = "mpi") -> "ProcessGrid":
         """Split `comm` (default MPI.COMM_WORLD) into replicas of a pd x pc model group.
 
-        backend "mpi": host buffers (CuPy arrays staged through the host); "nccl": CuPy arrays
-        over NCCL (one GPU per rank, the device already chosen), host arrays over MPI.
+        backend "mpi": MPI buffers (CuPy arrays staged through the host unless MPI reports
+        CUDA support: `backend.mpi_cuda_aware`); "nccl": CuPy arrays over NCCL (one GPU per
+        rank, the device already chosen), host arrays over MPI.
         Raises ValueError (on every rank alike) when the world size is not a multiple of pd*pc.
         """
         from mpi4py import MPI
