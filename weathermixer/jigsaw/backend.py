@@ -61,7 +61,6 @@ class LocalGroup:
     """A group of one rank: every collective is the identity."""
     size = 1
     rank = 0
-    pipeline_chunks = 1
 
     def __init__(self, name: str = "local"):
         self.name = name
@@ -78,7 +77,7 @@ class LocalGroup:
     def reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
         return x
 
-    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter", overlap: bool = False):
+    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         return parts[0]
 
     def allgather_parts(self, x, tag: str = "allgather"):
@@ -143,9 +142,7 @@ def _synchronize(x):
 
 class MPIGroup:
     """A group over an mpi4py communicator: host buffers, and CuPy buffers where `cuda_aware`
-    (CuPy arrays are staged through the host otherwise). Its collectives complete before they
-    return, so a pipelined kernel gains nothing from chunks here (`pipeline_chunks` = 1)."""
-    pipeline_chunks = 1
+    (CuPy arrays are staged through the host otherwise)."""
 
     def __init__(self, comm, name: str):
         from mpi4py import MPI
@@ -221,10 +218,9 @@ class MPIGroup:
         COMM_LOG.record(tag, send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
         return out
 
-    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter", overlap: bool = False):
+    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         """parts [size, ...]: one equal-shaped block per member; returns the sum over members
-        of block `rank` [...]. No transpose: the blocks are already whole on the wire.
-        (`overlap`: see `allreduce`.)"""
+        of block `rank` [...]. No transpose: the blocks are already whole on the wire."""
         if self.size == 1:
             return parts[0]
         xp, t0 = get_array_module(parts), time.perf_counter()
@@ -301,15 +297,10 @@ class MPIGroup:
         self.comm.Barrier()
 
 
-PIPELINE_ENV = "WEATHERMIXER_PIPELINE_CHUNKS"
-
-
 class NCCLGroup(MPIGroup):
     """An MPI group that also holds an NCCL communicator: CuPy arrays travel over NCCL (on
     the current stream, or overlapped on a side stream; no host copy), host arrays over MPI
-    as in `MPIGroup`. `pipeline_chunks` (4, or WEATHERMIXER_PIPELINE_CHUNKS) is how many
-    pieces a kernel cuts a reduce-scatter into to overlap it with its own GEMMs
-    (`jigsaw.matmul`).
+    as in `MPIGroup`.
 
     The NCCL unique id is made on group rank 0 and broadcast over the group's MPI
     communicator; the CUDA device must be chosen before the group is made. NCCL collectives
@@ -327,7 +318,6 @@ class NCCLGroup(MPIGroup):
         uid = bytes(buf) if isinstance(uid, bytes) else tuple(int(v) for v in buf.view(np.int8))
         self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
         self._side, self._in_flight = None, []  # stream and arrays of overlapped collectives
-        self.pipeline_chunks = int(os.environ.get(PIPELINE_ENV, "4"))
 
     # -- helpers -------------------------------------------------------------------------
     def _dtype(self, x):
@@ -421,8 +411,7 @@ class NCCLGroup(MPIGroup):
         mine = self.reduce_scatter_parts(parts, tag)  # [m, ...rest]
         return xp.moveaxis(mine[:sizes[self.rank]], 0, axis)
 
-    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter", overlap: bool = False):
-        """With `overlap`, on the side stream (see `_launch`): complete after `wait()`."""
+    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         if self.size == 1 or not is_device_array(parts):
             return super().reduce_scatter_parts(parts, tag)
         xp = get_array_module(parts)
@@ -431,8 +420,7 @@ class NCCLGroup(MPIGroup):
         self._launch(tag, send.nbytes * (self.size - 1) / self.size,
                      lambda stream: self.nccl.reduceScatter(send.data.ptr, recv.data.ptr,
                                                             recv.size, self._dtype(recv),
-                                                            self._nccl.NCCL_SUM, stream),
-                     overlap, keep=(send, recv))
+                                                            self._nccl.NCCL_SUM, stream))
         return recv
 
     def allgather_parts(self, x, tag: str = "allgather"):

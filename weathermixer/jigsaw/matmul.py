@@ -58,50 +58,32 @@ def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition
     so by the GEMM itself (the head's output, so that the prediction [B, V, h, W] is a view)."""
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
+    parts = _partial_parts(x, wg, out_cols.sizes if cols.size > 1 else [wg.shape[0]],
+                           transposed_out)  # [Pc, .., R_r, m], or its storage [Pc, .., m, R_r]
     if cols.size == 1:
-        y = _partial_parts(x, wg, [wg.shape[0]], (0, wg.shape[0]), transposed_out)[0]
+        y = parts[0]
     else:
-        y = _scattered_product(x, wg, cols, out_cols.sizes, transposed_out)
+        y = ops.scatter_parts(parts, cols, tag="xwt.scatter_y")
     y = y.swapaxes(-1, -2) if transposed_out else y  # [.., R_r, m]
     return y[..., :out_cols.size(cols.rank)], (x, w, grid, frame, w_rows, out_cols)
 
 
-def _scattered_product(x, wg, cols, sizes, transposed: bool):
-    """This rank's part of X W^T, summed over `cols` (reduce-scattered), [.., R, max(sizes)]
-    (or its transposed storage). Pipelined over `cols.pipeline_chunks` chunks of the part
-    columns: the partial products of chunk c are reduce-scattered (on the group's side stream,
-    where it has one) while the GEMMs of chunk c + 1 run; then the chunks are joined."""
+def _partial_parts(x, wg, sizes, transposed: bool):
+    """The partial products X W[N_p]^T of every output part p, stacked on a leading axis and
+    padded to the largest part: [parts, .., R, max(sizes)], ready for a reduce-scatter. With
+    `transposed`, the C-contiguous [parts, .., max(sizes), R] array whose view that is."""
     xp = get_array_module(x)
-    m = max(sizes)
-    n_chunks = max(1, min(cols.pipeline_chunks, m))
-    bounds = [m * c // n_chunks for c in range(n_chunks + 1)]
-    pieces = []
-    for c0, c1 in zip(bounds[:-1], bounds[1:]):
-        parts = _partial_parts(x, wg, sizes, (c0, c1), transposed)  # [Pc, .., R, c1 - c0]
-        pieces.append(ops.scatter_parts(parts, cols, tag="xwt.scatter_y", overlap=True))
-    cols.wait()
-    return pieces[0] if n_chunks == 1 else xp.concatenate(pieces, axis=-2 if transposed else -1)
-
-
-def _partial_parts(x, wg, sizes, span, transposed: bool):
-    """Columns span = (c0, c1) of the partial products X W[N_p]^T of every output part p,
-    stacked on a leading axis, each part padded to max(sizes) with zeros:
-    [parts, .., R, c1 - c0], ready for a reduce-scatter. With `transposed`, the C-contiguous
-    [parts, .., c1 - c0, R] array whose view that is."""
-    xp = get_array_module(x)
-    c0, c1 = span
-    o = offsets(sizes)
-    full = all(s >= c1 for s in sizes)
-    alloc = xp.empty if full else xp.zeros
+    m, o = max(sizes), offsets(sizes)
+    even = all(s == m for s in sizes)
+    alloc = xp.empty if even else xp.zeros
     lead, r = (len(sizes),) + x.shape[:-2], x.shape[-2]
-    store = alloc(lead + ((c1 - c0, r) if transposed else (r, c1 - c0)), dtype=x.dtype)
-    parts = store.swapaxes(-1, -2) if transposed else store  # [parts, .., R, c1 - c0]
+    store = alloc(lead + ((m, r) if transposed else (r, m)), dtype=x.dtype)
+    parts = store.swapaxes(-1, -2) if transposed else store  # [parts, .., R, m]
     for p, s in enumerate(sizes):
-        hi = min(c1, s)  # part p has no columns past s
-        if hi == c1:
-            matmul(x, wg[o[p] + c0:o[p] + c1].T, out=parts[p])
-        elif hi > c0:
-            parts[p, ..., :hi - c0] = matmul(x, wg[o[p] + c0:o[p] + hi].T)
+        if even:
+            matmul(x, wg[o[p]:o[p + 1]].T, out=parts[p])
+        else:
+            parts[p, ..., :s] = matmul(x, wg[o[p]:o[p + 1]].T)
     return store
 
 

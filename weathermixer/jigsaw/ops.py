@@ -44,12 +44,11 @@ def scatter_sum_adjoint(dy, group, axis: int, part: Partition, tag: str = "scatt
     return group.allgather(dy, axis, part.sizes, tag=tag)
 
 
-def scatter_parts(parts, group, tag: str = "scatter_parts", overlap: bool = False):
+def scatter_parts(parts, group, tag: str = "scatter_parts"):
     """forward: reduce-scatter of a stack of per-member partial blocks [size, ...] over
     `group` -> this member's block [...]; backward: `scatter_parts_adjoint`.
-    The parts axis leads, so nothing is transposed for the wire (blocks padded to one shape).
-    With `overlap` the result may still be in flight on return, complete after `group.wait()`."""
-    return group.reduce_scatter_parts(parts, tag=tag, overlap=overlap)
+    The parts axis leads, so nothing is transposed for the wire (blocks padded to one shape)."""
+    return group.reduce_scatter_parts(parts, tag=tag)
 
 
 def scatter_parts_adjoint(dy, group, tag: str = "scatter_parts_adjoint"):
