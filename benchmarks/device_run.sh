@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything measured on the lent GPU machine in one call (see docs/benchmarks.md):
-#   bash benchmarks/device_run.sh [quick|full]     (logs and JSON under $OUT)
+#   bash benchmarks/device_run.sh [quick|full|kernels|capacity]   (logs and JSON under $OUT)
+# full: GPU tests, then ours against PyTorch on one GPU and the 2-GPU layouts; kernels: the
+# per-kernel tables; capacity: the largest one-GPU model, and twice it on two GPUs.
 # The machine's python3 has numpy, h5py, click, mpi4py, cupy and torch; nothing is downloaded.
 set -uo pipefail
 OUT=${OUT:-/tmp/wm-out}; mkdir -p "$OUT"
@@ -10,17 +12,26 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 nvidia-smi -L; python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
 C1="--n-lat 720 --n-lon 1440 --n-prognostic 69 --n-static 3 --patch-lat 1 --patch-lon 60 --embed-dim 4320 --token-hidden-dim 8640 --channel-hidden-dim 4320 --blocks 3"
 run() { echo "+ $*"; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
-run python3 -m pytest -q -x tests/test_gpu.py tests/test_model.py tests/test_autograd.py -k "cupy or gpu or GPU" || exit 1
+ngpu=$(nvidia-smi -L | wc -l)
+MPI="mpiexec --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED"
+if [ "$mode" = kernels ]; then
+  run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_profile.py --model c1
+  run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_kernels.py --model c1 --top 25
+  exit 0
+fi
+if [ "$mode" = capacity ]; then
+  run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/capacity.py one --json "$OUT/cap1.json" &&
+  run $MPI -n 2 python3 benchmarks/capacity.py two --from "$OUT/cap1.json" --json "$OUT/cap2.json"
+  exit 0
+fi
+run python3 -m pytest -q -x tests/test_gpu.py tests/test_optim.py tests/test_model.py \
+    tests/test_autograd.py -k "cupy or gpu or GPU" || exit 1
 if [ "$mode" = quick ]; then
   run python3 benchmarks/gpu_benchmark.py --model mid --steps 3 --no-compile
   exit 0
 fi
-ngpu=$(nvidia-smi -L | wc -l)
-run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_profile.py --model c1
-run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_kernels.py --model c1 --top 25
 run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_benchmark.py --model c1 --steps 5 --json "$OUT/c1_1gpu.json"
 if [ "$ngpu" -ge 2 ]; then
-  MPI="mpiexec --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED"
   run env CUDA_VISIBLE_DEVICES=0 weathermixer bench $C1 --batch 1 --steps 5 --json "$OUT/bench_1gpu.json"
   run $MPI -n 2 weathermixer bench $C1 --jigsaw 2 --batch 1 --steps 5 --json "$OUT/bench_2way.json"
   run $MPI -n 2 weathermixer bench $C1 --grid 2x1 --batch 1 --steps 5 --json "$OUT/bench_2x1.json"
