@@ -34,7 +34,7 @@ def main():
         return 1e3 * float(np.median([seconds(cp, fn) for _ in range(7)]))
 
     print(f"large GEMM {gemm_tflops(cp, 'float32', 8192):.0f} TFLOP/s")
-    te, tm, em, tc = r(1, T, E), r(1, T, Mt), r(1, E, Mt), r(1, T, Mc)
+    te, em, tc = r(1, T, E), r(1, E, Mt), r(1, T, Mc)
     w_em, w_mt, w_te = r(E, Mc), r(Mt, T), r(T, Mt)
     w_me = r(Mc, E)
     cases = {
