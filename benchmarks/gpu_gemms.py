@@ -18,7 +18,17 @@ from weathermixer.autograd import xp as xpmod  # noqa: E402
 from weathermixer.autograd.linear import contract_leading, matmul  # noqa: E402
 from weathermixer.mixer.bench import gemm_tflops, seconds  # noqa: E402
 
-T, E, Mt, Mc = 17280, 4320, 8640, 4320
+T, E, Mt, Mc, R = 17280, 4320, 8640, 4320, 4140
+
+
+def split_k(a, b, parts: int):
+    """a^T b as a sum of `parts` products over row ranges of a and b."""
+    n = a.shape[0]
+    cuts = [n * i // parts for i in range(parts + 1)]
+    out = a[:cuts[1]].T @ b[:cuts[1]]
+    for lo, hi in zip(cuts[1:-1], cuts[2:]):
+        out += a[lo:hi].T @ b[lo:hi]
+    return out
 
 
 def main():
@@ -37,11 +47,14 @@ def main():
     te, em, tc = r(1, T, E), r(1, E, Mt), r(1, T, Mc)
     w_em, w_mt, w_te = r(E, Mc), r(Mt, T), r(T, Mt)
     w_me = r(Mc, E)
+    tr, t2e, w_r2e = r(1, T, R), r(1, T, 2 * E), r(R, 2 * E)
     cases = {
         # channel fc2 backward: dy [T, E], W [E, Mc], x [T, Mc]
         "ch fc2 dX = dy W  [T,E][E,Mc]": (lambda: matmul(te, w_em), T * E * Mc),
         "ch fc2 dW = dy^T x  [E,T][T,Mc]": (lambda: contract_leading(te, tc), T * E * Mc),
         "ch fc2 dW^T = x^T dy (alt)": (lambda: contract_leading(tc, te), T * E * Mc),
+        "ch fc2 dW, K split in 2 (alt)": (lambda: split_k(te[0], tc[0], 2), T * E * Mc),
+        "ch fc2 dW, K split in 4 (alt)": (lambda: split_k(te[0], tc[0], 4), T * E * Mc),
         # channel fc1 backward: dy [T, Mc], W [Mc, E], x [T, E]
         "ch fc1 dX = dy W  [T,Mc][Mc,E]": (lambda: matmul(tc, w_me), T * E * Mc),
         "ch fc1 dW = dy^T x  [Mc,T][T,E]": (lambda: contract_leading(tc, te), T * E * Mc),
@@ -60,6 +73,11 @@ def main():
         "tok fc1 dW = dy^T x (x a view)": (lambda: contract_leading(em, te.swapaxes(-1, -2)),
                                            T * E * Mt),
         "tok fc1 dW^T = x^T dy (alt)": (lambda: te[0] @ em[0], T * E * Mt),
+        # recovery backward: dy [T, R] (R = V pl pw = 4140), W [R, 2E], x [T, 2E]
+        "rec dX = dy W  [T,R][R,2E]": (lambda: matmul(tr, w_r2e), T * R * 2 * E),
+        "rec dW = dy^T x  [R,T][T,2E]": (lambda: contract_leading(tr, t2e), T * R * 2 * E),
+        "rec dW, K split in 2 (alt)": (lambda: split_k(tr[0], t2e[0], 2), T * R * 2 * E),
+        "rec fwd  [T,2E][2E,R]": (lambda: matmul(t2e, w_r2e.T), T * R * 2 * E),
         # forward, for reference
         "tok fc1 fwd  [E,T][T,Mt]": (lambda: matmul(te.swapaxes(-1, -2), w_mt.T), T * E * Mt),
         "ch fc1 fwd  [T,E][E,Mc]": (lambda: matmul(te, w_me.T), T * E * Mc),
