@@ -21,16 +21,6 @@ from weathermixer.mixer.bench import gemm_tflops, seconds  # noqa: E402
 T, E, Mt, Mc, R = 17280, 4320, 8640, 4320, 4140
 
 
-def split_k(a, b, parts: int):
-    """a^T b as a sum of `parts` products over row ranges of a and b."""
-    n = a.shape[0]
-    cuts = [n * i // parts for i in range(parts + 1)]
-    out = a[:cuts[1]].T @ b[:cuts[1]]
-    for lo, hi in zip(cuts[1:-1], cuts[2:]):
-        out += a[lo:hi].T @ b[lo:hi]
-    return out
-
-
 def main():
     cp = xpmod.module("cupy")
     xpmod.set_matmul_precision(cp, "tf32")
@@ -53,8 +43,12 @@ def main():
         "ch fc2 dX = dy W  [T,E][E,Mc]": (lambda: matmul(te, w_em), T * E * Mc),
         "ch fc2 dW = dy^T x  [E,T][T,Mc]": (lambda: contract_leading(te, tc), T * E * Mc),
         "ch fc2 dW^T = x^T dy (alt)": (lambda: contract_leading(tc, te), T * E * Mc),
-        "ch fc2 dW, K split in 2 (alt)": (lambda: split_k(te[0], tc[0], 2), T * E * Mc),
-        "ch fc2 dW, K split in 4 (alt)": (lambda: split_k(te[0], tc[0], 4), T * E * Mc),
+        "ch fc2 dW, dy^T copied to C (alt)": (lambda: cp.ascontiguousarray(te[0].T) @ tc[0],
+                                              T * E * Mc),
+        "ch fc2 dW, x copied to F (alt)": (lambda: te[0].T @ cp.asfortranarray(tc[0]),
+                                           T * E * Mc),
+        "ch fc2 dW, both copied (alt)": (lambda: cp.ascontiguousarray(te[0].T)
+                                         @ cp.asfortranarray(tc[0]), T * E * Mc),
         # channel fc1 backward: dy [T, Mc], W [Mc, E], x [T, E]
         "ch fc1 dX = dy W  [T,Mc][Mc,E]": (lambda: matmul(tc, w_me), T * E * Mc),
         "ch fc1 dW = dy^T x  [Mc,T][T,E]": (lambda: contract_leading(tc, te), T * E * Mc),
@@ -66,6 +60,8 @@ def main():
         "tok fc2 dW = dy^T h1 (view)": (lambda: contract_leading(te.swapaxes(-1, -2), em),
                                         T * E * Mt),
         "tok fc2 dW^T = h1^T dy (alt)": (lambda: em[0].T @ te[0].T, T * E * Mt),
+        "tok fc2 dW, h1 copied to F (alt)": (lambda: te[0] @ cp.asfortranarray(em[0]),
+                                             T * E * Mt),
         # token fc1 backward: dy [E, Mt], W [Mt, T], x = [E, T] view of [T, E]
         "tok fc1 dX into token-major": (lambda: matmul(em, w_mt, out=cp.empty_like(
             te).swapaxes(-1, -2)), T * E * Mt),
@@ -76,7 +72,11 @@ def main():
         # recovery backward: dy [T, R] (R = V pl pw = 4140), W [R, 2E], x [T, 2E]
         "rec dX = dy W  [T,R][R,2E]": (lambda: matmul(tr, w_r2e), T * R * 2 * E),
         "rec dW = dy^T x  [R,T][T,2E]": (lambda: contract_leading(tr, t2e), T * R * 2 * E),
-        "rec dW, K split in 2 (alt)": (lambda: split_k(tr[0], t2e[0], 2), T * R * 2 * E),
+        "rec dW, dy^T copied to C (alt)": (lambda: cp.ascontiguousarray(tr[0].T) @ t2e[0],
+                                           T * R * 2 * E),
+        "rec dW, x copied to F (alt)": (lambda: tr[0].T @ cp.asfortranarray(t2e[0]),
+                                        T * R * 2 * E),
+        "rec dX, W copied to F (alt)": (lambda: tr[0] @ cp.asfortranarray(w_r2e), T * R * 2 * E),
         "rec fwd  [T,2E][2E,R]": (lambda: matmul(t2e, w_r2e.T), T * R * 2 * E),
         # forward, for reference
         "tok fc1 fwd  [E,T][T,Mt]": (lambda: matmul(te.swapaxes(-1, -2), w_mt.T), T * E * Mt),
