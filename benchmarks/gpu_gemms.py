@@ -50,7 +50,11 @@ def main():
         "ch fc2 dW, both copied (alt)": (lambda: cp.ascontiguousarray(te[0].T)
                                          @ cp.asfortranarray(tc[0]), T * E * Mc),
         # channel fc1 backward: dy [T, Mc], W [Mc, E], x [T, E]
+        "ch fc2 dX, W copied to F (alt)": (lambda: matmul(te, cp.asfortranarray(w_em)),
+                                           T * E * Mc),
         "ch fc1 dX = dy W  [T,Mc][Mc,E]": (lambda: matmul(tc, w_me), T * E * Mc),
+        "ch fc1 dX, W copied to F (alt)": (lambda: matmul(tc, cp.asfortranarray(w_me)),
+                                           T * E * Mc),
         "ch fc1 dW = dy^T x  [Mc,T][T,E]": (lambda: contract_leading(tc, te), T * E * Mc),
         # token fc2 backward: dy = [E, T] view of [T, E], W [T, Mt], x = h1 [E, Mt]
         "tok fc2 dX = dy W (dy a view)": (lambda: matmul(te.swapaxes(-1, -2), w_te,
@@ -66,6 +70,10 @@ def main():
         "tok fc1 dX into token-major": (lambda: matmul(em, w_mt, out=cp.empty_like(
             te).swapaxes(-1, -2)), T * E * Mt),
         "tok fc1 dX C-order (alt)": (lambda: matmul(em, w_mt), T * E * Mt),
+        "tok fc1 dX, W copied to F (alt)": (lambda: matmul(em, cp.asfortranarray(w_mt)),
+                                            T * E * Mt),
+        "tok fc2 dX, dy and W copied (alt)": (lambda: matmul(cp.ascontiguousarray(
+            te.swapaxes(-1, -2)), cp.asfortranarray(w_te)), T * E * Mt),
         "tok fc1 dW = dy^T x (x a view)": (lambda: contract_leading(em, te.swapaxes(-1, -2)),
                                            T * E * Mt),
         "tok fc1 dW^T = x^T dy (alt)": (lambda: te[0] @ em[0], T * E * Mt),
