@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from weathermixer.autograd.linear import contract_leading, is_transposed, matmul
+from weathermixer.autograd.linear import (contract_leading, input_gradient_operands,
+                                          is_transposed, matmul)
 from weathermixer.autograd.xp import get_array_module
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.shard import Partition, offsets
@@ -112,7 +113,7 @@ def xwt_backward(dy, cache, need_dx: bool = True):
         for p, g in enumerate(blocks):
             # [.., R_r, K_c], laid out as X is (empty_like keeps the layout: token-major in
             # token mixing)
-            term = matmul(_row_major(g), wg[o[p]:o[p + 1]], out=xp.empty_like(x))
+            term = matmul(*input_gradient_operands(g, wg[o[p]:o[p + 1]]), out=xp.empty_like(x))
             if dx is None:
                 dx = term
             else:
@@ -125,13 +126,6 @@ def xwt_backward(dy, cache, need_dx: bool = True):
             dwg[o[p]:o[p + 1]] = contract_leading(g, x)
     dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
     return dx, dw
-
-
-def _row_major(a):
-    """`a`, copied to C order if it is a transposed view: cuBLAS runs dY W of token fc2 (dY the
-    [E, T] view of the residual stream's gradient) in 5.34 ms on the view and in 3.65 ms with
-    this copy included (C1 on an H200, benchmarks/gpu_gemms.py)."""
-    return get_array_module(a).ascontiguousarray(a) if is_transposed(a) else a
 
 
 def _storage(a):
