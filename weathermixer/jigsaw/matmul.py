@@ -90,58 +90,42 @@ def _partial_parts(x, wg, sizes, transposed: bool):
 
 def xwt_backward(dy, cache, need_dx: bool = True):
     """(dX [.., R_r, K_c], dW [N_r, K_c]) = (xw(dY, W), xtw(dY, X)), sharing one gather of dY.
-    Without `need_dx` (the first layer), dX is None and its GEMM is skipped. The three steps
-    are also callable one by one (the model starts dW's data-parallel sum before dX's GEMM).
+    Without `need_dx` (the first layer), dX is None and its GEMM is skipped.
 
     The W panel is gathered again rather than cached: one more exchange instead of holding a
     gathered panel per layer between forward and backward. dY's blocks arrive stacked on a
     leading axis and are used block by block, so nothing is transposed.
     """
-    blocks = xwt_output_gradient(dy, cache)
-    dw = xwt_weight_gradient(blocks, cache)
-    return (xwt_input_gradient(blocks, cache) if need_dx else None), dw
-
-
-def xwt_output_gradient(dy, cache):
-    """dY [.., R_r, N_c] -> the blocks dY[.., R_r, N_p] of every output part p (gathered over
-    `frame.cols`)."""
-    _, _, grid, frame, _, out_cols = cache
-    cols, sizes = grid.group(frame.cols), out_cols.sizes
+    x, w, grid, frame, w_rows, out_cols = cache
+    rows, cols = grid.group(frame.rows), grid.group(frame.cols)
+    sizes, o = out_cols.sizes, offsets(out_cols.sizes)
+    xp = get_array_module(dy)
     if cols.size == 1:
-        return [dy]  # [.., R_r, N]
-    m = max(sizes)
-    mine = dy if dy.shape[-1] == m else _pad_last(dy, m)
-    stacked = ops.scatter_parts_adjoint(mine, cols, tag="xwt.gather_dy")  # [Pc, .., R_r, m]
-    return [stacked[p][..., :s] for p, s in enumerate(sizes)]
-
-
-def xwt_weight_gradient(blocks, cache):
-    """dW [N_r, K_c] = sum over R of dY^T X, completed over `frame.rows`."""
-    x, _, grid, frame, w_rows, out_cols = cache
-    o = offsets(out_cols.sizes)
+        blocks = [dy]  # [.., R_r, N]
+    else:
+        m = max(sizes)
+        mine = dy if dy.shape[-1] == m else _pad_last(dy, m)
+        stacked = ops.scatter_parts_adjoint(mine, cols, tag="xwt.gather_dy")  # [Pc, .., R_r, m]
+        blocks = [stacked[p][..., :s] for p, s in enumerate(sizes)]  # dY[.., R_r, N_p]
+    dx = None
+    if need_dx:
+        wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
+        for p, g in enumerate(blocks):
+            # [.., R_r, K_c], laid out as X is (empty_like keeps the layout: token-major in
+            # token mixing)
+            term = matmul(*input_gradient_operands(g, wg[o[p]:o[p + 1]]), out=xp.empty_like(x))
+            if dx is None:
+                dx = term
+            else:
+                _storage(dx)[...] += _storage(term)
     if len(blocks) == 1:
         dwg = contract_leading(blocks[0], x)  # [N, K_c], partial over R parts
     else:
-        dwg = get_array_module(x).empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c]
+        dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R parts
         for p, g in enumerate(blocks):
-            dwg[o[p]:o[p + 1]] = contract_leading(g, x)  # partial over R parts
-    return ops.gather_adjoint(dwg, grid.group(frame.rows), 0, w_rows, tag="xwt.scatter_dw")
-
-
-def xwt_input_gradient(blocks, cache):
-    """dX [.., R_r, K_c] = sum over parts p of dY[N_p] W[N_p], laid out as X is (empty_like
-    keeps the layout: token-major in token mixing)."""
-    x, w, grid, frame, w_rows, out_cols = cache
-    xp, o = get_array_module(x), offsets(out_cols.sizes)
-    wg = ops.gather(w, grid.group(frame.rows), 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
-    dx = None
-    for p, g in enumerate(blocks):
-        term = matmul(*input_gradient_operands(g, wg[o[p]:o[p + 1]]), out=xp.empty_like(x))
-        if dx is None:
-            dx = term
-        else:
-            _storage(dx)[...] += _storage(term)
-    return dx
+            dwg[o[p]:o[p + 1]] = contract_leading(g, x)
+    dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
+    return dx, dw
 
 
 def _storage(a):

@@ -32,8 +32,7 @@ from weathermixer.autograd.shape import (concat_backward, concat_forward, patchi
                                          unpatchify, unpatchify_backward)
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.layernorm import layernorm_backward, layernorm_forward
-from weathermixer.jigsaw.matmul import (xwt_forward, xwt_input_gradient, xwt_output_gradient,
-                                        xwt_weight_gradient)
+from weathermixer.jigsaw.matmul import xwt_backward, xwt_forward
 
 
 def _accumulate(grads: dict, name: str, g):
@@ -58,15 +57,11 @@ def dense_forward(x, params, name, layout, add_bias: bool = True, transposed_out
     return y, cache
 
 
-def dense_backward(dy, cache, grads, name, need_dx: bool = True, ready=None):
-    """The input gradient (None without `need_dx`). The weight and bias gradients come first:
-    `ready(grads, name + "/")` (when given) is told of them before the input-gradient GEMM
-    runs, which their data-parallel sum then overlaps."""
-    blocks = xwt_output_gradient(dy, cache)
-    _accumulate(grads, name + "/weight", xwt_weight_gradient(blocks, cache))
+def dense_backward(dy, cache, grads, name, need_dx: bool = True):
+    dx, dw = xwt_backward(dy, cache, need_dx)
+    _accumulate(grads, name + "/weight", dw)
     _accumulate(grads, name + "/bias", sum_except(dy, -1))
-    (ready or _nothing_ready)(grads, name + "/")
-    return xwt_input_gradient(blocks, cache) if need_dx else None
+    return dx
 
 
 def norm_forward(u, params, name, layout, axis, count):
@@ -103,23 +98,21 @@ def mixer_block_forward(z, params, n, layout):
 
 def mixer_block_backward(dz, cache, grads, ready=None):
     """The input gradient of block n; `ready(grads, prefix)` (when given) is told as each
-    layer's parameter gradients are complete (see `backward`)."""
+    branch's parameter gradients are complete (see `backward`)."""
     n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2 = cache
     b = f"blocks/{n}/"
     ready = ready or _nothing_ready
     dz, dbranch = residual_backward(dz)
-    dg = dense_backward(dbranch, c_c2, grads, b + "channel_mixing/fc2", ready=ready)
-    du = dense_backward(gelu_backward(dg, c_g2), c_c1, grads, b + "channel_mixing/fc1",
-                        ready=ready)
+    dg = dense_backward(dbranch, c_c2, grads, b + "channel_mixing/fc2")
+    du = dense_backward(gelu_backward(dg, c_g2), c_c1, grads, b + "channel_mixing/fc1")
     dz = norm_backward(du, c_cn, grads, b + "channel_norm", plus=dz)  # z fed the branch too
-    ready(grads, b + "channel_norm/")
+    ready(grads, b + "channel_")  # channel_mixing and channel_norm
     dz, dbranch = residual_backward(dz)
-    dh1 = dense_backward(dbranch.swapaxes(-1, -2), c_t2, grads, b + "token_mixing/fc2",
-                         ready=ready)
-    dut = dense_backward(gelu_backward(dh1, c_g1), c_t1, grads, b + "token_mixing/fc1",
-                         ready=ready)
+    dh1 = dense_backward(dbranch.swapaxes(-1, -2), c_t2, grads, b + "token_mixing/fc2")
+    ready(grads, b + "token_mixing/fc2/")
+    dut = dense_backward(gelu_backward(dh1, c_g1), c_t1, grads, b + "token_mixing/fc1")
     dz = norm_backward(dut.swapaxes(-1, -2), c_tn, grads, b + "token_norm", plus=dz)
-    ready(grads, b + "token_norm/")
+    ready(grads, b)  # the rest of the block
     return dz
 
 
@@ -169,14 +162,12 @@ def backward(dy, cache, need_dx: bool = True, release: bool = False, on_ready=No
     pl, pw = cfg.patch_lat, cfg.patch_lon
     nv = dy.shape[1]
     dyt = dy.reshape(B, nv, h * W).swapaxes(-1, -2)  # [B, h W, V_loc], a view
-    dpix = dense_backward(dyt, take("head"), grads, "head/linear",
-                          ready=ready)  # [B, h W, 2 V_loc], a view
+    dpix = dense_backward(dyt, take("head"), grads, "head/linear")  # [B, h W, 2 V_loc], a view
     dhc = norm_backward(dpix.swapaxes(-1, -2).reshape(B, 2 * nv, h, W), take("hn"), grads,
                         "head/norm")
     da, dx_head = concat_backward(dhc, take("hcat"))
     dy0 = norm_backward(da, take("an"), grads, "head/decoded_norm")
-    dd = dense_backward(unpatchify_backward(dy0, pl, pw), take("rec"), grads, "decoder/recovery",
-                        ready=ready)
+    dd = dense_backward(unpatchify_backward(dy0, pl, pw), take("rec"), grads, "decoder/recovery")
     ddn, dz0_skip = concat_backward(dd, take("cat"))
     dz = norm_backward(ddn, take("dn"), grads, "decoder/norm")
     ready(grads, "head/")
@@ -187,7 +178,7 @@ def backward(dy, cache, need_dx: bool = True, release: bool = False, on_ready=No
         if release:
             c_blocks.pop()
     dz0 = dz + dz0_skip  # Z0 fans out to the blocks and to the decoder skip
-    dX = dense_backward(dz0, take("enc"), grads, "encoder", need_dx, ready=ready)
+    dX = dense_backward(dz0, take("enc"), grads, "encoder", need_dx)
     if not need_dx:
         return grads, None
     dx = patchify_backward(dX, pl, pw, h, W)
