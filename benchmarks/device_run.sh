@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything measured on the lent GPU machine in one call (see docs/benchmarks.md):
-#   bash benchmarks/device_run.sh [quick|full|kernels|capacity]   (logs and JSON under $OUT)
+#   bash benchmarks/device_run.sh [quick|full|kernels|capacity|nccl]   (logs and JSON under $OUT)
 # full: GPU tests, then ours against PyTorch on one GPU and the 2-GPU layouts; kernels: the
-# per-kernel tables; capacity: the largest one-GPU model, and twice it on two GPUs.
+# per-kernel tables; capacity: the largest one-GPU model, and twice it on two GPUs; nccl: the
+# 2-GPU timelines, and the 2-GPU benches with NCCL held to fewer channels (SMs).
 # The machine's python3 has numpy, h5py, click, mpi4py, cupy and torch; nothing is downloaded.
 set -uo pipefail
 OUT=${OUT:-/tmp/wm-out}; mkdir -p "$OUT"
@@ -17,6 +18,18 @@ MPI="mpiexec --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x PYTHONUN
 if [ "$mode" = kernels ]; then
   run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_profile.py --model c1
   run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_kernels.py --model c1 --top 25
+  exit 0
+fi
+if [ "$mode" = nccl ]; then
+  run env CUDA_VISIBLE_DEVICES=0 weathermixer bench $C1 --batch 1 --steps 5 --json "$OUT/bench_1gpu.json"
+  run $MPI -n 2 python3 benchmarks/gpu_timeline.py --grid 2x1 --batch 1
+  run $MPI -n 2 python3 benchmarks/gpu_timeline.py --grid 1x1 --batch 2
+  for ch in default 2 4 8; do
+    env=(); [ "$ch" = default ] || env=(-x NCCL_MAX_NCHANNELS="$ch")
+    echo "== NCCL_MAX_NCHANNELS=$ch" | tee -a "$OUT/log.txt"
+    run $MPI "${env[@]}" -n 2 weathermixer bench $C1 --jigsaw 1 --batch 2 --steps 5 --json "$OUT/bench_dp2_$ch.json"
+    run $MPI "${env[@]}" -n 2 weathermixer bench $C1 --grid 2x1 --batch 1 --steps 5 --json "$OUT/bench_2x1_$ch.json"
+  done
   exit 0
 fi
 if [ "$mode" = capacity ]; then

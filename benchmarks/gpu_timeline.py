@@ -1,12 +1,13 @@
-"""When the collectives of a training step run, against the compute around them (rank 0).
+"""When the collectives of a training step run, against the compute around them.
 
     mpiexec -n 2 python benchmarks/gpu_timeline.py [--grid DxC] [--batch B] [--model c1]
                                                    [--trace out.json]
 
 Runs the step of `weathermixer bench` under PyTorch's profiler (CUPTI sees CuPy's and NCCL's
-kernels) and prints, for rank 0: the step's span, the time the device computed, each NCCL
-kernel's start, length and the part of it that ran beside compute kernels, and the tail
-after the last compute kernel. Benchmark-only: the package never imports torch.
+kernels) and prints, for every rank: the step's span, its GEMM, other compute and NCCL kernel
+time, the NCCL time with no compute beside it, and the time with no kernel at all (the device
+waiting for the host or for the other rank); then rank 0's NCCL kernels, each with its start,
+length and the part of it that ran beside compute kernels. Benchmark-only: the package never imports torch.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_benchmark import MODELS  # noqa: E402
 import weathermixer as wm  # noqa: E402
 from weathermixer.cli.train import make_layout  # noqa: E402
-from weathermixer.mixer.api import loss_and_grads  # noqa: E402
+from weathermixer.mixer.api import loss_array_and_grads  # noqa: E402
 from weathermixer.mixer.bench import seconds  # noqa: E402
 from weathermixer.mixer.optim import AdamW  # noqa: E402
 from weathermixer.mixer.params import init_params  # noqa: E402
@@ -51,7 +52,6 @@ def main():
     ap.add_argument("--trace", default=None)
     a = ap.parse_args()
     from mpi4py import MPI
-    import torch
     from torch.profiler import ProfilerActivity, profile
     cfg = wm.Config(**MODELS[a.model])
     pd, pc = (int(v) for v in a.grid.split("x"))
@@ -66,7 +66,7 @@ def main():
     opt = AdamW(lr=1e-5, clip_norm=1.0)
 
     def step():
-        _, grads = loss_and_grads(params, x, t, cfg, layout=layout)
+        _, grads = loss_array_and_grads(params, x, t, cfg, layout=layout)
         opt.step(params, grads, layout)
 
     for _ in range(2):
@@ -77,28 +77,46 @@ def main():
     grid.world.barrier()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
-        torch.cuda.synchronize()
-    if grid.world.rank != 0:
-        return
-    path = a.trace or tempfile.mktemp(suffix=".json")
+        xp.cuda.Device().synchronize()  # this rank's GPU (torch's current device is GPU 0)
+    path = a.trace if (a.trace and grid.world.rank == 0) else tempfile.mktemp(suffix=".json")
     prof.export_chrome_trace(path)
     events = [e for e in json.load(open(path))["traceEvents"]
               if e.get("cat") == "kernel" and "dur" in e]
+    summary, nccl_rows = summarise(events)
+    summary["step_ms"] = ms
+    rows = grid.world.gather_json(summary)
+    if grid.world.rank != 0:
+        return
+    print(f"grid {a.grid}, batch {a.batch}; ms of one profiled step per rank (busy: union of "
+          f"kernels; exposed NCCL: NCCL with no compute kernel beside it; idle: no kernel)")
+    keys = ["step_ms", "span", "gemm", "other", "nccl", "nccl_exposed", "idle"]
+    print("rank " + " ".join(f"{k:>13}" for k in keys))
+    for r, row in enumerate(rows):
+        print(f"{r:>4} " + " ".join(f"{row[k]:>13.2f}" for k in keys))
+    print("rank 0's NCCL kernels:")
+    print(f"{'start ms':>9} {'ms':>7} {'beside compute ms':>18} stream  kernel")
+    for row in nccl_rows:
+        print(row)
+
+
+def summarise(events):
+    """Per-category device ms of one step's kernels, and rank 0's NCCL kernel lines."""
     nccl = [e for e in events if "nccl" in e["name"].lower()]
     compute = [e for e in events if "nccl" not in e["name"].lower()]
     busy = merged([(e["ts"], e["ts"] + e["dur"]) for e in compute])
+    anything = merged([(e["ts"], e["ts"] + e["dur"]) for e in events])
     t0 = min(e["ts"] for e in events)
     end = max(e["ts"] + e["dur"] for e in events)
-    print(f"grid {a.grid}, batch {a.batch}")
-    print(f"step {ms:.1f} ms (median of 3); profiled span {(end - t0) / 1e3:.1f} ms, compute busy "
-          f"{sum(y - x for x, y in busy) / 1e3:.1f} ms, last compute kernel ends at "
-          f"{(busy[-1][1] - t0) / 1e3:.1f} ms")
-    print(f"{'start ms':>9} {'ms':>7} {'beside compute ms':>18} stream  kernel")
-    for e in nccl:
-        a0, a1 = e["ts"], e["ts"] + e["dur"]
-        print(f"{(a0 - t0) / 1e3:>9.2f} {e['dur'] / 1e3:>7.2f} {overlap(a0, a1, busy) / 1e3:>18.2f} "
-              f"{e.get('args', {}).get('stream', '?'):>6}  {e['name'][:60]}")
-
+    gemm = sum(e["dur"] for e in compute if "gemm" in e["name"].lower())
+    exposed = sum(e["dur"] - overlap(e["ts"], e["ts"] + e["dur"], busy) for e in nccl)
+    summary = {"span": (end - t0) / 1e3, "gemm": gemm / 1e3,
+               "other": (sum(e["dur"] for e in compute) - gemm) / 1e3,
+               "nccl": sum(e["dur"] for e in nccl) / 1e3, "nccl_exposed": exposed / 1e3,
+               "idle": (end - t0 - sum(y - x for x, y in anything)) / 1e3}
+    lines = [f"{(e['ts'] - t0) / 1e3:>9.2f} {e['dur'] / 1e3:>7.2f} "
+             f"{overlap(e['ts'], e['ts'] + e['dur'], busy) / 1e3:>18.2f} "
+             f"{e.get('args', {}).get('stream', '?'):>6}  {e['name'][:60]}" for e in nccl]
+    return summary, lines
 
 if __name__ == "__main__":
     main()
