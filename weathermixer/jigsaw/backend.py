@@ -57,6 +57,55 @@ class CommLog:
 COMM_LOG = CommLog()
 
 
+class PartsExchange:
+    """A reduce-scatter whose partial blocks are handed over one by one as they are computed:
+
+        ex = group.parts_exchange(store, tag)   # store [size, ...]: a block per member
+        for p in ex.order:                      # the other members' blocks first, own last
+            store[p] = ...                      # this rank's partial for member p
+            ex.ready(p)
+        mine = ex.result()                      # [...] = sum over members of their store[rank]
+
+    This base form waits for every block, then makes one reduce-scatter; `NCCLGroup` sends
+    each block while the next one is computed (`PairwiseExchange`)."""
+
+    def __init__(self, group, store, tag: str):
+        self.group, self.store, self.tag = group, store, tag
+        self.order = list(range(group.size))
+
+    def ready(self, p: int):
+        """Block p of `store` holds its final value."""
+
+    def result(self):
+        return self.group.reduce_scatter_parts(self.store, tag=self.tag)
+
+
+class PartsGather:
+    """An allgather of equal-shaped blocks whose own block is usable before the others arrive:
+
+        g = group.parts_gather(mine, tag)
+        for p in g.order:          # own block first
+            use(g.block(p))        # member p's block [...]
+
+    With `overlap` (`NCCLGroup`) the gather runs on the group's side stream while the caller
+    works on its own block, and the first `block(p)` of another member waits for it; without,
+    every block is gathered up front."""
+
+    def __init__(self, group, x, tag: str, overlap: bool = False):
+        self.group, self.mine, self.overlap = group, x, overlap
+        self.order = [group.rank] + [p for p in range(group.size) if p != group.rank]
+        self.stacked = (group.allgather_parts(x, tag=tag, overlap=overlap)  # [size, ...]
+                        if group.size > 1 else None)
+
+    def block(self, p: int):
+        if p == self.group.rank:
+            return self.mine
+        if self.overlap:
+            self.group.wait()
+            self.overlap = False
+        return self.stacked[p]
+
+
 class LocalGroup:
     """A group of one rank: every collective is the identity."""
     size = 1
@@ -80,8 +129,14 @@ class LocalGroup:
     def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         return parts[0]
 
-    def allgather_parts(self, x, tag: str = "allgather"):
+    def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
         return x[None]
+
+    def parts_exchange(self, store, tag: str = "reduce_scatter"):
+        return PartsExchange(self, store, tag)
+
+    def parts_gather(self, x, tag: str = "allgather"):
+        return PartsGather(self, x, tag)
 
     def bcast(self, x, root: int = 0, tag: str = "bcast"):
         return x
@@ -230,8 +285,9 @@ class MPIGroup:
         COMM_LOG.record(tag, send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
         return to_module(recv, xp)
 
-    def allgather_parts(self, x, tag: str = "allgather"):
-        """x [...] (equal shapes on all members) -> [size, ...] in group-rank order."""
+    def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
+        """x [...] (equal shapes on all members) -> [size, ...] in group-rank order. `overlap`
+        is a hint that only `NCCLGroup` acts on."""
         if self.size == 1:
             return x[None]
         xp, t0 = get_array_module(x), time.perf_counter()
@@ -240,6 +296,14 @@ class MPIGroup:
         self.comm.Allgather(send, recv)
         COMM_LOG.record(tag, send.nbytes * (self.size - 1), time.perf_counter() - t0)
         return to_module(recv, xp)
+
+    def parts_exchange(self, store, tag: str = "reduce_scatter"):
+        """A reduce-scatter fed block by block (`PartsExchange`): one collective at the end."""
+        return PartsExchange(self, store, tag)
+
+    def parts_gather(self, x, tag: str = "allgather"):
+        """An allgather read block by block (`PartsGather`): one collective up front."""
+        return PartsGather(self, x, tag)
 
     def bcast(self, x, root: int = 0, tag: str = "bcast"):
         """Root's array on every member. Elsewhere `x` gives the shape and dtype, and is
@@ -423,7 +487,8 @@ class NCCLGroup(MPIGroup):
                                                             self._nccl.NCCL_SUM, stream))
         return recv
 
-    def allgather_parts(self, x, tag: str = "allgather"):
+    def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
+        """With `overlap`, on the side stream: complete after `wait()`."""
         if self.size == 1 or not is_device_array(x):
             return super().allgather_parts(x, tag)
         xp = get_array_module(x)
@@ -431,5 +496,54 @@ class NCCLGroup(MPIGroup):
         recv = xp.empty((self.size,) + send.shape, dtype=send.dtype)
         self._launch(tag, send.nbytes * (self.size - 1),
                      lambda stream: self.nccl.allGather(send.data.ptr, recv.data.ptr, send.size,
-                                                        self._dtype(send), stream))
+                                                        self._dtype(send), stream),
+                     overlap, keep=(send, recv))
         return recv
+
+    def parts_exchange(self, store, tag: str = "reduce_scatter"):
+        if self.size == 1 or not is_device_array(store):
+            return super().parts_exchange(store, tag)
+        return PairwiseExchange(self, store, tag)
+
+    def parts_gather(self, x, tag: str = "allgather"):
+        if self.size == 1 or not is_device_array(x):
+            return super().parts_gather(x, tag)
+        return PartsGather(self, x, tag, overlap=True)
+
+
+class PairwiseExchange(PartsExchange):
+    """`PartsExchange` over NCCL. In round s = 1 .. size-1 this rank sends its partial for
+    member rank+s and receives member rank-s's partial for its own block (a send and a recv,
+    grouped, on the group's side stream) as soon as the block is computed, while the caller
+    computes the next one; the own block comes last, and the received partials are added to
+    it. The same bytes as one reduce-scatter, hidden behind the GEMMs of the later blocks."""
+
+    def __init__(self, group, store, tag: str):
+        super().__init__(group, store, tag)
+        r, n = group.rank, group.size
+        self.order = [(r + s) % n for s in range(1, n)] + [r]
+        self.received = get_array_module(store).empty((n - 1,) + store.shape[1:],
+                                                      dtype=store.dtype)  # [size - 1, ...]
+
+    def ready(self, p: int):
+        g, r, n = self.group, self.group.rank, self.group.size
+        if p == r:
+            return
+        s = (p - r) % n
+        send = get_array_module(self.store).ascontiguousarray(self.store[p])
+        recv, dtype = self.received[s - 1], g._dtype(send)
+
+        def exchange(stream):
+            g._nccl.groupStart()
+            g.nccl.send(send.data.ptr, send.size, dtype, p, stream)
+            g.nccl.recv(recv.data.ptr, recv.size, dtype, (r - s) % n, stream)
+            g._nccl.groupEnd()
+
+        g._launch(self.tag, send.nbytes, exchange, overlap=True, keep=(send, self.received))
+
+    def result(self):
+        self.group.wait()
+        mine = self.store[self.group.rank] + self.received[0]  # a fresh array
+        for extra in self.received[1:]:
+            mine += extra
+        return mine

@@ -56,61 +56,67 @@ def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition
                 transposed_out: bool = False):
     """Y = X W^T: X [.., R_r, K_c], W [N_r, K_c] -> (Y [.., R_r, N_c], cache). With
     `transposed_out`, Y is a transposed view of a C-contiguous [.., N_c, R_r] array, written
-    so by the GEMM itself (the head's output, so that the prediction [B, V, h, W] is a view)."""
+    so by the GEMM itself (the head's output, so that the prediction [B, V, h, W] is a view).
+
+    The partial product of every output block is handed to the reduce-scatter as soon as it
+    is computed, the other members' blocks first: on GPUs each travels while the next GEMM
+    runs (`backend.PairwiseExchange`)."""
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
-    parts = _partial_parts(x, wg, out_cols.sizes if cols.size > 1 else [wg.shape[0]],
-                           transposed_out)  # [Pc, .., R_r, m], or its storage [Pc, .., m, R_r]
-    if cols.size == 1:
-        y = parts[0]
-    else:
-        y = ops.scatter_parts(parts, cols, tag="xwt.scatter_y")
+    sizes = out_cols.sizes
+    store = _parts_store(x, sizes, transposed_out)  # [Pc, .., R_r, m], or [Pc, .., m, R_r]
+    parts = store.swapaxes(-1, -2) if transposed_out else store  # [Pc, .., R_r, m]
+    exchange = ops.scatter_parts_as_computed(store, cols, tag="xwt.scatter_y")
+    for p in exchange.order:
+        _partial_product(x, wg, sizes, p, parts[p])
+        exchange.ready(p)
+    y = exchange.result()  # [.., R_r, m], or its storage
     y = y.swapaxes(-1, -2) if transposed_out else y  # [.., R_r, m]
     return y[..., :out_cols.size(cols.rank)], (x, w, grid, frame, w_rows, out_cols)
 
 
-def _partial_parts(x, wg, sizes, transposed: bool):
-    """The partial products X W[N_p]^T of every output part p, stacked on a leading axis and
-    padded to the largest part: [parts, .., R, max(sizes)], ready for a reduce-scatter. With
-    `transposed`, the C-contiguous [parts, .., max(sizes), R] array whose view that is."""
+def _parts_store(x, sizes, transposed: bool):
+    """Room for the partial products X W[N_p]^T of every output part p, stacked on a leading
+    axis and padded to the largest part: [parts, .., R, max(sizes)], ready for a
+    reduce-scatter. With `transposed`, the C-contiguous [parts, .., max(sizes), R] array
+    whose view that is."""
     xp = get_array_module(x)
-    m, o = max(sizes), offsets(sizes)
-    even = all(s == m for s in sizes)
-    alloc = xp.empty if even else xp.zeros
+    m = max(sizes)
+    alloc = xp.empty if all(s == m for s in sizes) else xp.zeros  # zero padding
     lead, r = (len(sizes),) + x.shape[:-2], x.shape[-2]
-    store = alloc(lead + ((m, r) if transposed else (r, m)), dtype=x.dtype)
-    parts = store.swapaxes(-1, -2) if transposed else store  # [parts, .., R, m]
-    for p, s in enumerate(sizes):
-        if even:
-            matmul(x, wg[o[p]:o[p + 1]].T, out=parts[p])
-        else:
-            parts[p, ..., :s] = matmul(x, wg[o[p]:o[p + 1]].T)
-    return store
+    return alloc(lead + ((m, r) if transposed else (r, m)), dtype=x.dtype)
+
+
+def _partial_product(x, wg, sizes, p: int, out):
+    """out [.., R, m] <- X W[N_p]^T in its first sizes[p] columns (the rest stays padding)."""
+    o = offsets(sizes)
+    if sizes[p] == out.shape[-1]:
+        matmul(x, wg[o[p]:o[p + 1]].T, out=out)
+    else:
+        out[..., :sizes[p]] = matmul(x, wg[o[p]:o[p + 1]].T)
 
 
 def xwt_backward(dy, cache, need_dx: bool = True):
     """(dX [.., R_r, K_c], dW [N_r, K_c]) = (xw(dY, W), xtw(dY, X)), sharing one gather of dY.
     Without `need_dx` (the first layer), dX is None and its GEMM is skipped.
 
-    The W panel is gathered again rather than cached: one more exchange instead of holding a
-    gathered panel per layer between forward and backward. dY's blocks arrive stacked on a
-    leading axis and are used block by block, so nothing is transposed.
+    dY's blocks are used block by block, this rank's own first: on GPUs the others arrive
+    meanwhile (`backend.PartsGather`), and nothing is transposed. The W panel is gathered
+    again rather than cached: one more exchange instead of holding a gathered panel per layer
+    between forward and backward.
     """
     x, w, grid, frame, w_rows, out_cols = cache
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
     sizes, o = out_cols.sizes, offsets(out_cols.sizes)
     xp = get_array_module(dy)
-    if cols.size == 1:
-        blocks = [dy]  # [.., R_r, N]
-    else:
-        m = max(sizes)
-        mine = dy if dy.shape[-1] == m else _pad_last(dy, m)
-        stacked = ops.scatter_parts_adjoint(mine, cols, tag="xwt.gather_dy")  # [Pc, .., R_r, m]
-        blocks = [stacked[p][..., :s] for p, s in enumerate(sizes)]  # dY[.., R_r, N_p]
-    dx = None
-    if need_dx:
-        wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
-        for p, g in enumerate(blocks):
+    m = max(sizes)
+    mine = dy if dy.shape[-1] == m else _pad_last(dy, m)  # [.., R_r, m]
+    gathered = ops.scatter_parts_adjoint_own_first(mine, cols, tag="xwt.gather_dy")
+    wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w") if need_dx else None  # [N, K_c]
+    dx, dwg = None, None
+    for p in gathered.order:
+        g = gathered.block(p)[..., :sizes[p]]  # dY[.., R_r, N_p]
+        if need_dx:
             # [.., R_r, K_c], laid out as X is (empty_like keeps the layout: token-major in
             # token mixing)
             term = matmul(*input_gradient_operands(g, wg[o[p]:o[p + 1]]), out=xp.empty_like(x))
@@ -118,11 +124,11 @@ def xwt_backward(dy, cache, need_dx: bool = True):
                 dx = term
             else:
                 _storage(dx)[...] += _storage(term)
-    if len(blocks) == 1:
-        dwg = contract_leading(blocks[0], x)  # [N, K_c], partial over R parts
-    else:
-        dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R parts
-        for p, g in enumerate(blocks):
+        if len(sizes) == 1:
+            dwg = contract_leading(g, x)  # [N, K_c], partial over R parts
+        else:
+            if dwg is None:
+                dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R
             dwg[o[p]:o[p + 1]] = contract_leading(g, x)
     dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
     return dx, dw

@@ -56,6 +56,19 @@ def scatter_parts_adjoint(dy, group, tag: str = "scatter_parts_adjoint"):
     return group.allgather_parts(dy, tag=tag)
 
 
+def scatter_parts_as_computed(store, group, tag: str = "scatter_parts"):
+    """`scatter_parts` fed block by block: a `backend.PartsExchange` over `store` [size, ...]
+    (`order`, `ready(p)`, `result()`), so that finished blocks travel while the caller
+    computes the next. Same result, same adjoint."""
+    return group.parts_exchange(store, tag=tag)
+
+
+def scatter_parts_adjoint_own_first(dy, group, tag: str = "scatter_parts_adjoint"):
+    """`scatter_parts_adjoint` read block by block: a `backend.PartsGather` (`order`,
+    `block(p)`), this rank's own block first and usable while the others arrive."""
+    return group.parts_gather(dy, tag=tag)
+
+
 def allreduce_sum(x, group, tag: str = "allreduce_sum", overlap: bool = False):
     """forward: allreduce-sum over `group`; backward: allreduce-sum (self-adjoint). With
     `overlap` the sum may still be in flight on return, complete after `group.wait()`."""
