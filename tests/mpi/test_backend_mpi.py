@@ -36,6 +36,10 @@ def expected() -> dict:
             "reduce_scatter": sum(a["full"] for a in every)[..., own],
             "reduce_scatter_parts": sum(a["parts"][RANK] for a in every),
             "allgather_parts": np.stack([a["x"] for a in every]),
+            "start_allgather": np.concatenate([a["block"] for a in every], axis=1),
+            "start_reduce_scatter": sum(a["full"] for a in every)[..., own],
+            "parts_exchange": sum(a["parts"][RANK] for a in every),
+            "parts_gather": np.stack([a["x"] for a in every]),
             "bcast": every[ROOT]["x"],
             "gather": [a["ragged"] for a in every] if RANK == 0 else None}
 
@@ -49,8 +53,31 @@ def collectives(group: MPIGroup) -> dict:
             "reduce_scatter": lambda: group.reduce_scatter(mine["full"], -1, SIZES),
             "reduce_scatter_parts": lambda: group.reduce_scatter_parts(mine["parts"]),
             "allgather_parts": lambda: group.allgather_parts(mine["x"]),
+            "start_allgather": lambda: group.start_allgather(mine["block"], 1, SIZES).get(),
+            "start_reduce_scatter": lambda: group.start_reduce_scatter(mine["full"], -1,
+                                                                       SIZES).get(),
+            "parts_exchange": lambda: exchange_parts(group, mine["parts"]),
+            "parts_gather": lambda: gather_parts(group, mine["x"]),
             "bcast": lambda: group.bcast(mine["x"].copy(), root=ROOT),
             "gather": lambda: group.gather(mine["ragged"], root=0)}
+
+
+def exchange_parts(group, parts):
+    """A `PartsExchange` fed as `xwt_forward` feeds it: each block written, then `ready`."""
+    store = np.empty_like(parts)
+    ex = group.parts_exchange(store)
+    assert sorted(ex.order) == list(range(N)), ex.order
+    for p in ex.order:
+        store[p] = parts[p]
+        ex.ready(p)
+    return ex.result()
+
+
+def gather_parts(group, x):
+    """A `PartsGather` read as `xwt_backward` reads it; the own block comes first."""
+    g = group.parts_gather(x)
+    assert g.order[0] == RANK and sorted(g.order) == list(range(N)), g.order
+    return np.stack([g.block(p) for p in range(N)])
 
 
 def error(out, want) -> float:

@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from weathermixer.autograd.xp import get_array_module, is_device_array, to_host, to_module
+from weathermixer.jigsaw.shard import offsets
 
 
 class CommLog:
@@ -55,6 +56,23 @@ class CommLog:
 
 
 COMM_LOG = CommLog()
+
+
+class InFlight:
+    """The result of a collective begun with `start_*`: on `NCCLGroup` it may still run on
+    the group's side stream. `get()` makes the current stream wait for that collective alone
+    (the host does not wait) and returns the array; elsewhere it is complete already."""
+
+    def __init__(self, array, event=None, keep=(), finish=None):
+        self.array, self.event, self.keep, self.finish = array, event, keep, finish
+
+    def get(self):
+        if self.event is not None:
+            get_array_module(self.array).cuda.get_current_stream().wait_event(self.event)
+            self.event, self.keep = None, ()  # the buffers on the wire may go now
+        if self.finish is not None:
+            self.array, self.finish = self.finish(self.array), None
+        return self.array
 
 
 class PartsExchange:
@@ -125,6 +143,12 @@ class LocalGroup:
 
     def reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
         return x
+
+    def start_allgather(self, x, axis: int, sizes, tag: str = "allgather"):
+        return InFlight(x)
+
+    def start_reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
+        return InFlight(x)
 
     def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         return parts[0]
@@ -273,6 +297,15 @@ class MPIGroup:
         COMM_LOG.record(tag, send.nbytes * (self.size - 1) / self.size, time.perf_counter() - t0)
         return out
 
+    def start_allgather(self, x, axis: int, sizes, tag: str = "allgather"):
+        """`allgather` begun now, its result taken by `.get()` (`InFlight`); over MPI it is
+        complete on return."""
+        return InFlight(self.allgather(x, axis, sizes, tag))
+
+    def start_reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
+        """`reduce_scatter` begun now, its result taken by `.get()` (`InFlight`)."""
+        return InFlight(self.reduce_scatter(x, axis, sizes, tag))
+
     def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         """parts [size, ...]: one equal-shaped block per member; returns the sum over members
         of block `rank` [...]. No transpose: the blocks are already whole on the wire."""
@@ -382,6 +415,7 @@ class NCCLGroup(MPIGroup):
         uid = bytes(buf) if isinstance(uid, bytes) else tuple(int(v) for v in buf.view(np.int8))
         self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
         self._side, self._in_flight = None, []  # stream and arrays of overlapped collectives
+        self._pending = False  # work queued on the side stream since the last `wait()`
 
     # -- helpers -------------------------------------------------------------------------
     def _dtype(self, x):
@@ -394,7 +428,8 @@ class NCCLGroup(MPIGroup):
         own while the bench asks: `COMM_LOG.synchronize`); with `overlap`, on this group's
         side stream once the work queued so far on the current stream is done, while the
         current stream goes on at once: `wait()` joins the two, and the arrays in `keep`
-        (the buffers on the wire) stay alive until then."""
+        (the buffers on the wire) stay alive until then. Returns an event recorded on the
+        side stream after this collective (None on the current stream)."""
         import cupy
         current = cupy.cuda.get_current_stream()
         if overlap and not COMM_LOG.synchronize:
@@ -402,8 +437,9 @@ class NCCLGroup(MPIGroup):
             side.wait_event(current.record())
             collective(side.ptr)
             self._in_flight.extend(keep)
+            self._pending = True
             COMM_LOG.record(tag, nbytes, 0.0)
-            return
+            return side.record()
         if COMM_LOG.synchronize:  # wait for queued compute first: it is not communication
             current.synchronize()
         t0 = time.perf_counter()
@@ -411,6 +447,7 @@ class NCCLGroup(MPIGroup):
         if COMM_LOG.synchronize:
             current.synchronize()
         COMM_LOG.record(tag, nbytes, time.perf_counter() - t0)
+        return None
 
     # -- collectives on device arrays ----------------------------------------------------
     def allreduce(self, x, op: str = "sum", tag: str = "allreduce", overlap: bool = False):
@@ -436,31 +473,46 @@ class NCCLGroup(MPIGroup):
 
     def wait(self):
         """Make the current stream wait for every overlapped collective of this group."""
-        if self._in_flight:
+        if self._pending:
             import cupy
             cupy.cuda.get_current_stream().wait_event(self._side.record())
             self._in_flight.clear()
+            self._pending = False
 
     def allgather(self, x, axis: int, sizes, tag: str = "allgather"):
-        """The parts form, with this rank's block padded to the largest part on the wire."""
-        if self.size == 1 or not is_device_array(x):
-            return super().allgather(x, axis, sizes, tag)
-        xp = get_array_module(x)
-        m = max(sizes)
-        part = xp.moveaxis(x, axis, 0)  # [sizes[rank], ...rest]
-        send = xp.zeros((m,) + part.shape[1:], dtype=x.dtype)  # padded to the largest part
-        send[:part.shape[0]] = part
-        stacked = self.allgather_parts(send, tag)  # [parts, m, ...rest]
-        if all(s == m for s in sizes):
-            full = stacked.reshape((-1,) + stacked.shape[2:])  # no copy
-        else:
-            full = xp.concatenate([stacked[p, :s] for p, s in enumerate(sizes)])  # [sum, ...]
-        return xp.moveaxis(full, 0, axis)
+        return self.start_allgather(x, axis, sizes, tag, overlap=False).get()
 
     def reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
-        """The parts form, with every part padded to the largest one on the wire."""
+        return self.start_reduce_scatter(x, axis, sizes, tag, overlap=False).get()
+
+    def start_allgather(self, x, axis: int, sizes, tag: str = "allgather", overlap: bool = True):
+        """The parts form on the side stream (`InFlight`), this rank's block padded to the
+        largest part on the wire where parts differ."""
         if self.size == 1 or not is_device_array(x):
-            return super().reduce_scatter(x, axis, sizes, tag)
+            return super().start_allgather(x, axis, sizes, tag)
+        xp = get_array_module(x)
+        m, even = max(sizes), all(s == max(sizes) for s in sizes)
+        part = xp.moveaxis(x, axis, 0)  # [sizes[rank], ...rest]
+        send = xp.ascontiguousarray(part) if even else _pad_first(part, m)  # [m, ...rest]
+        recv = xp.empty((self.size,) + send.shape, dtype=send.dtype)  # [parts, m, ...rest]
+        event = self._launch(tag, send.nbytes * (self.size - 1),
+                             lambda stream: self.nccl.allGather(send.data.ptr, recv.data.ptr,
+                                                                send.size, self._dtype(send),
+                                                                stream), overlap)
+
+        def concatenate(stacked):
+            full = (stacked.reshape((-1,) + stacked.shape[2:]) if even else  # no copy
+                    xp.concatenate([stacked[p, :s] for p, s in enumerate(sizes)]))
+            return xp.moveaxis(full, 0, axis)
+
+        return InFlight(recv, event, keep=(send,), finish=concatenate)
+
+    def start_reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter",
+                             overlap: bool = True):
+        """The parts form on the side stream (`InFlight`), every part padded to the largest
+        one on the wire where parts differ."""
+        if self.size == 1 or not is_device_array(x):
+            return super().start_reduce_scatter(x, axis, sizes, tag)
         xp = get_array_module(x)
         m = max(sizes)
         full = xp.moveaxis(x, axis, 0)  # [sum(sizes), ...rest]
@@ -468,12 +520,15 @@ class NCCLGroup(MPIGroup):
             parts = xp.ascontiguousarray(full).reshape((self.size, m) + full.shape[1:])
         else:
             parts = xp.zeros((self.size, m) + full.shape[1:], dtype=x.dtype)  # padded parts
-            o = 0
-            for p, s in enumerate(sizes):
-                parts[p, :s] = full[o:o + s]
-                o += s
-        mine = self.reduce_scatter_parts(parts, tag)  # [m, ...rest]
-        return xp.moveaxis(mine[:sizes[self.rank]], 0, axis)
+            for p, (a, b) in enumerate(zip(offsets(sizes)[:-1], offsets(sizes)[1:])):
+                parts[p, :b - a] = full[a:b]
+        recv = xp.empty(parts.shape[1:], dtype=parts.dtype)  # [m, ...rest]
+        event = self._launch(tag, parts.nbytes * (self.size - 1) / self.size,
+                             lambda stream: self.nccl.reduceScatter(
+                                 parts.data.ptr, recv.data.ptr, recv.size, self._dtype(recv),
+                                 self._nccl.NCCL_SUM, stream), overlap)
+        return InFlight(recv, event, keep=(parts,),
+                        finish=lambda mine: xp.moveaxis(mine[:sizes[self.rank]], 0, axis))
 
     def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         if self.size == 1 or not is_device_array(parts):
@@ -509,6 +564,13 @@ class NCCLGroup(MPIGroup):
         if self.size == 1 or not is_device_array(x):
             return super().parts_gather(x, tag)
         return PartsGather(self, x, tag, overlap=True)
+
+
+def _pad_first(a, m: int):
+    """a [s, ...] -> [m, ...], zeros after s (uneven parts travel padded to one shape)."""
+    out = get_array_module(a).zeros((m,) + a.shape[1:], dtype=a.dtype)
+    out[:a.shape[0]] = a
+    return out
 
 
 class PairwiseExchange(PartsExchange):

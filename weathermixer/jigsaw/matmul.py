@@ -52,17 +52,25 @@ STANDARD = Frame(rows="domain", cols="channel")
 TRANSPOSED = Frame(rows="channel", cols="domain")
 
 
+def start_panel(w, grid, frame: Frame, w_rows: Partition):
+    """Begin gathering the W panel [N, K_c] of `xwt` over `frame.rows` (a `backend.InFlight`
+    to hand to `xwt_forward`): the panel does not depend on the data, so a layer can start it
+    before its input is ready and the gather overlaps the compute before it."""
+    return ops.start_gather(w, grid.group(frame.rows), 0, w_rows, tag="xwt.gather_w")
+
+
 def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition,
-                transposed_out: bool = False):
+                transposed_out: bool = False, panel=None):
     """Y = X W^T: X [.., R_r, K_c], W [N_r, K_c] -> (Y [.., R_r, N_c], cache). With
     `transposed_out`, Y is a transposed view of a C-contiguous [.., N_c, R_r] array, written
     so by the GEMM itself (the head's output, so that the prediction [B, V, h, W] is a view).
+    `panel`: the W panel's gather if begun already (`start_panel`).
 
     The partial product of every output block is handed to the reduce-scatter as soon as it
     is computed, the other members' blocks first: on GPUs each travels while the next GEMM
     runs (`backend.PairwiseExchange`)."""
-    rows, cols = grid.group(frame.rows), grid.group(frame.cols)
-    wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w")  # [N, K_c]
+    cols = grid.group(frame.cols)
+    wg = (panel or start_panel(w, grid, frame, w_rows)).get()  # [N, K_c]
     sizes = out_cols.sizes
     store = _parts_store(x, sizes, transposed_out)  # [Pc, .., R_r, m], or [Pc, .., m, R_r]
     parts = store.swapaxes(-1, -2) if transposed_out else store  # [Pc, .., R_r, m]
@@ -100,10 +108,12 @@ def xwt_backward(dy, cache, need_dx: bool = True):
     """(dX [.., R_r, K_c], dW [N_r, K_c]) = (xw(dY, W), xtw(dY, X)), sharing one gather of dY.
     Without `need_dx` (the first layer), dX is None and its GEMM is skipped.
 
-    dY's blocks are used block by block, this rank's own first: on GPUs the others arrive
-    meanwhile (`backend.PartsGather`), and nothing is transposed. The W panel is gathered
-    again rather than cached: one more exchange instead of holding a gathered panel per layer
-    between forward and backward.
+    dW first, then dX, so that on GPUs every exchange runs beside a GEMM that does not need
+    it: dY's other blocks and the W panel arrive while the own block's dW is computed
+    (`backend.PartsGather`, `start_panel`), and dW's partial sums are reduce-scattered while
+    dX is computed. Nothing is transposed: dY's blocks are used block by block. The W panel
+    is gathered again rather than cached from the forward: one more exchange instead of
+    holding a gathered panel per layer between forward and backward.
     """
     x, w, grid, frame, w_rows, out_cols = cache
     rows, cols = grid.group(frame.rows), grid.group(frame.cols)
@@ -112,26 +122,30 @@ def xwt_backward(dy, cache, need_dx: bool = True):
     m = max(sizes)
     mine = dy if dy.shape[-1] == m else _pad_last(dy, m)  # [.., R_r, m]
     gathered = ops.scatter_parts_adjoint_own_first(mine, cols, tag="xwt.gather_dy")
-    wg = ops.gather(w, rows, 0, w_rows, tag="xwt.gather_w") if need_dx else None  # [N, K_c]
-    dx, dwg = None, None
-    for p in gathered.order:
-        g = gathered.block(p)[..., :sizes[p]]  # dY[.., R_r, N_p]
-        if need_dx:
+    panel = start_panel(w, grid, frame, w_rows) if need_dx else None
+    blocks = {}  # dY[.., R_r, N_p] by p
+    if len(sizes) == 1:
+        blocks[0] = gathered.block(0)
+        dwg = contract_leading(blocks[0], x)  # [N, K_c], partial over R parts
+    else:
+        dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R parts
+        for p in gathered.order:  # own block first: the first other block waits for the gather
+            blocks[p] = gathered.block(p)[..., :sizes[p]]
+            dwg[o[p]:o[p + 1]] = contract_leading(blocks[p], x)
+    dw = ops.start_gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
+    dx = None
+    if need_dx:
+        wg = panel.get()  # [N, K_c]
+        for p in gathered.order:
             # [.., R_r, K_c], laid out as X is (empty_like keeps the layout: token-major in
             # token mixing)
-            term = matmul(*input_gradient_operands(g, wg[o[p]:o[p + 1]]), out=xp.empty_like(x))
+            term = matmul(*input_gradient_operands(blocks[p], wg[o[p]:o[p + 1]]),
+                          out=xp.empty_like(x))
             if dx is None:
                 dx = term
             else:
                 _storage(dx)[...] += _storage(term)
-        if len(sizes) == 1:
-            dwg = contract_leading(g, x)  # [N, K_c], partial over R parts
-        else:
-            if dwg is None:
-                dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R
-            dwg[o[p]:o[p + 1]] = contract_leading(g, x)
-    dw = ops.gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
-    return dx, dw
+    return dx, dw.get()
 
 
 def _storage(a):

@@ -13,7 +13,12 @@ partials. Under this convention
     allreduce_sum   (allreduce)       <->  allreduce_sum           (self-adjoint)
 
 and the adjoint test <F x, y> = <x, F* y> (sums over ranks) holds for each pair
-(tests/test_jigsaw_ops.py). A group of size 1 makes every operator the identity.
+(tests/mpi/test_ops_mpi.py). A group of size 1 makes every operator the identity.
+
+Some operators also come in a form that overlaps compute on GPUs: `start_gather` and
+`start_gather_adjoint` (begun now, taken by `.get()`), `scatter_parts_as_computed` (fed block
+by block) and `scatter_parts_adjoint_own_first` (read block by block, own block first). They
+compute the same values as the plain forms.
 
 A `Partition` gives the part sizes along the axis, in group-rank order; parts must be
 contiguous ranges in order (`Partition.even` / `Partition.contiguous`), so a gather is a
@@ -32,6 +37,17 @@ def gather(x, group, axis: int, part: Partition, tag: str = "gather"):
 def gather_adjoint(dy, group, axis: int, part: Partition, tag: str = "gather_adjoint"):
     """forward: reduce-scatter along `axis` over `group` (the adjoint of `gather`)."""
     return group.reduce_scatter(dy, axis, part.sizes, tag=tag)
+
+
+def start_gather(x, group, axis: int, part: Partition, tag: str = "gather"):
+    """`gather` begun now and taken later: a `backend.InFlight` whose `get()` returns the
+    gathered array. On GPUs the gather runs on the group's side stream meanwhile."""
+    return group.start_allgather(x, axis, part.sizes, tag=tag)
+
+
+def start_gather_adjoint(dy, group, axis: int, part: Partition, tag: str = "gather_adjoint"):
+    """`gather_adjoint` begun now and taken later by `get()` (see `start_gather`)."""
+    return group.start_reduce_scatter(dy, axis, part.sizes, tag=tag)
 
 
 def scatter_sum(x, group, axis: int, part: Partition, tag: str = "scatter_sum"):

@@ -32,7 +32,7 @@ from weathermixer.autograd.shape import (concat_backward, concat_forward, patchi
                                          unpatchify, unpatchify_backward)
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.layernorm import layernorm_backward, layernorm_forward
-from weathermixer.jigsaw.matmul import xwt_backward, xwt_forward
+from weathermixer.jigsaw.matmul import start_panel, xwt_backward, xwt_forward
 
 
 def _accumulate(grads: dict, name: str, g):
@@ -45,16 +45,25 @@ def _kind(name: str) -> str:
 
 
 # ---- layers ------------------------------------------------------------------------------
-def dense_forward(x, params, name, layout, add_bias: bool = True, transposed_out: bool = False):
+def dense_forward(x, params, name, layout, add_bias: bool = True, transposed_out: bool = False,
+                  panel=None):
     """y = x @ W.T + b as the distributed `xwt` of `layout.dense[kind]`. With add_bias=False
     the caller adds b in its next fused pass (bias + GELU, bias + residual); `transposed_out`
-    writes y as a transposed view of a C-contiguous array (see `xwt_forward`)."""
+    writes y as a transposed view of a C-contiguous array (see `xwt_forward`); `panel` is the
+    layer's weight gather if `start_dense_panel` began it."""
     d = layout.dense[_kind(name)]
     y, cache = xwt_forward(x, params[name + "/weight"], layout.grid, d.frame, d.w_rows, d.out_cols,
-                           transposed_out)
+                           transposed_out, panel)
     if add_bias:
         linear.add_bias(y, params[name + "/bias"])  # y is a fresh array of this call
     return y, cache
+
+
+def start_dense_panel(params, name, layout):
+    """Begin gathering the weight panel of dense layer `name` (`jigsaw.matmul.start_panel`):
+    it travels while the layers before it compute."""
+    d = layout.dense[_kind(name)]
+    return start_panel(params[name + "/weight"], layout.grid, d.frame, d.w_rows)
 
 
 def dense_backward(dy, cache, grads, name, need_dx: bool = True):
@@ -88,10 +97,13 @@ def mixer_block_forward(z, params, n, layout):
     o, c_t2 = dense_forward(h1, params, b + "token_mixing/fc2", layout, False)  # [B, E_loc, T_loc]
     z = residual_forward(z, o.swapaxes(-1, -2),  # [B, T_loc, E_loc]; the bias runs along T
                          params[b + "token_mixing/fc2/bias"][:, None])
+    w1 = start_dense_panel(params, b + "channel_mixing/fc1", layout)  # travel while LN runs
+    w2 = start_dense_panel(params, b + "channel_mixing/fc2", layout)
     u, c_cn = norm_forward(z, params, b + "channel_norm", layout, -1, E)
-    a2, c_c1 = dense_forward(u, params, b + "channel_mixing/fc1", layout, False)
+    a2, c_c1 = dense_forward(u, params, b + "channel_mixing/fc1", layout, False, panel=w1)
     g, c_g2 = gelu_forward(a2, params[b + "channel_mixing/fc1/bias"])  # [B, T_loc, Mc_loc]
-    o2, c_c2 = dense_forward(g, params, b + "channel_mixing/fc2", layout, False)  # [B, T_loc, E_loc]
+    o2, c_c2 = dense_forward(g, params, b + "channel_mixing/fc2", layout, False,
+                             panel=w2)  # [B, T_loc, E_loc]
     z = residual_forward(z, o2, params[b + "channel_mixing/fc2/bias"])
     return z, (n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2)
 
@@ -134,9 +146,11 @@ def forward(params, x, layout, rollout: int = 1):
         for n in range(cfg.n_blocks):
             z, c = mixer_block_forward(z, params, n, layout)
             c_blocks.append(c)
+    w_rec = start_dense_panel(params, "decoder/recovery", layout)
     dn, c_dn = norm_forward(z, params, "decoder/norm", layout, -1, E)
     d, c_cat = concat_forward(dn, z0, -1)  # [B, T_loc, 2 E_loc]: normed first, skip second
-    r, c_rec = dense_forward(d, params, "decoder/recovery", layout)  # [B, T_loc, V_loc pl pw]
+    r, c_rec = dense_forward(d, params, "decoder/recovery", layout,
+                             panel=w_rec)  # [B, T_loc, V_loc pl pw]
     y0 = unpatchify(r, pl, pw, h, W)  # [B, V_loc, h, W]
     a, c_an = norm_forward(y0, params, "head/decoded_norm", layout, 1, P)
     hc, c_hcat = concat_forward(a, x[:, :nv], 1)  # [B, 2 V_loc, h, W]
