@@ -300,11 +300,11 @@ class MPIGroup:
     def start_allgather(self, x, axis: int, sizes, tag: str = "allgather"):
         """`allgather` begun now, its result taken by `.get()` (`InFlight`); over MPI it is
         complete on return."""
-        return InFlight(self.allgather(x, axis, sizes, tag))
+        return InFlight(MPIGroup.allgather(self, x, axis, sizes, tag))
 
     def start_reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
         """`reduce_scatter` begun now, its result taken by `.get()` (`InFlight`)."""
-        return InFlight(self.reduce_scatter(x, axis, sizes, tag))
+        return InFlight(MPIGroup.reduce_scatter(self, x, axis, sizes, tag))
 
     def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         """parts [size, ...]: one equal-shaped block per member; returns the sum over members
