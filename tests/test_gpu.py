@@ -1,8 +1,8 @@
 """CuPy correctness: runs where CuPy sees a GPU (the device machine), skips cleanly elsewhere.
 
 float64 CuPy equals float64 numpy for predict, loss and every gradient; a short TF32
-training run's loss curve tracks the fp32 one; and, with 2 GPUs, every 2-rank layout on 2 GPUs
-(NCCL) ends where 1 GPU ends in float64.
+training run's loss curve tracks the fp32 one; and every 2-rank layout on 2 GPUs and every
+4-rank layout on 4 GPUs (NCCL) ends where 1 GPU ends in float64.
 """
 import json
 
@@ -84,6 +84,23 @@ def test_fused_adamw_equals_the_numpy_formula():
             assert np.abs(cp.asnumpy(d) - h).max() < 1e-14
 
 
+@pytest.mark.skipif(not cupy_available() or module("cupy").cuda.runtime.getDeviceCount() < 4,
+                    reason="needs 4 GPUs")
+@pytest.mark.parametrize("layout", [("--jigsaw", "4"), ("--grid", "4x1"), ("--grid", "1x4"),
+                                    ("--grid", "2x1")],
+                         ids=["2x2", "4x1", "1x4", "2x1-two-replicas"])
+def test_four_gpus_equal_one_gpu(tmp_path, layout):
+    """NCCL on 4 GPUs, uneven parts: the pairwise exchanges with 3 partners (4x1, 1x4), both
+    groups' side streams at once (2x2), and model groups beside the data group's gradient
+    sums (2 replicas of 2x1) end where 1 GPU ends, float64."""
+    from tests.test_train_cli import EXACT, max_relative_difference
+    _, one = _losses(tmp_path, "one", *EXACT)
+    _, four = _losses(tmp_path, "four", *EXACT, *layout, n=4)
+    assert max_relative_difference(one / "last.h5", four / "last.h5") < 1e-10
+
+
+@pytest.mark.skipif(not cupy_available() or module("cupy").cuda.runtime.getDeviceCount() >= 4,
+                    reason="4 GPUs: 4 ranks get a GPU each (test_four_gpus_equal_one_gpu)")
 def test_four_way_with_ranks_sharing_gpus_equals_one_gpu(tmp_path):
     """4 ranks on fewer GPUs: NCCL refuses two ranks of a communicator on one GPU, so the
     groups stage through host MPI; the 2x2 run still ends where 1 GPU ends (float64)."""
