@@ -530,18 +530,6 @@ class NCCLGroup(MPIGroup):
         return InFlight(recv, event, keep=(parts,),
                         finish=lambda mine: xp.moveaxis(mine[:sizes[self.rank]], 0, axis))
 
-    def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
-        if self.size == 1 or not is_device_array(parts):
-            return super().reduce_scatter_parts(parts, tag)
-        xp = get_array_module(parts)
-        send = xp.ascontiguousarray(parts)
-        recv = xp.empty(send.shape[1:], dtype=send.dtype)
-        self._launch(tag, send.nbytes * (self.size - 1) / self.size,
-                     lambda stream: self.nccl.reduceScatter(send.data.ptr, recv.data.ptr,
-                                                            recv.size, self._dtype(recv),
-                                                            self._nccl.NCCL_SUM, stream))
-        return recv
-
     def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
         """With `overlap`, on the side stream: complete after `wait()`."""
         if self.size == 1 or not is_device_array(x):

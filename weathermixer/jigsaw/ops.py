@@ -18,7 +18,8 @@ and the adjoint test <F x, y> = <x, F* y> (sums over ranks) holds for each pair
 Some operators also come in a form that overlaps compute on GPUs: `start_gather` and
 `start_gather_adjoint` (begun now, taken by `.get()`), `scatter_parts_as_computed` (fed block
 by block) and `scatter_parts_adjoint_own_first` (read block by block, own block first). They
-compute the same values as the plain forms.
+compute the same values as the plain forms (which `scatter_parts` and `scatter_parts_adjoint`
+are written through, so the adjoint tests cover both).
 
 A `Partition` gives the part sizes along the axis, in group-rank order; parts must be
 contiguous ranges in order (`Partition.even` / `Partition.contiguous`), so a gather is a
@@ -26,6 +27,7 @@ concatenation.
 """
 from __future__ import annotations
 
+from weathermixer.autograd.xp import get_array_module
 from weathermixer.jigsaw.shard import Partition
 
 
@@ -63,25 +65,33 @@ def scatter_sum_adjoint(dy, group, axis: int, part: Partition, tag: str = "scatt
 def scatter_parts(parts, group, tag: str = "scatter_parts"):
     """forward: reduce-scatter of a stack of per-member partial blocks [size, ...] over
     `group` -> this member's block [...]; backward: `scatter_parts_adjoint`.
-    The parts axis leads, so nothing is transposed for the wire (blocks padded to one shape)."""
-    return group.reduce_scatter_parts(parts, tag=tag)
+    The parts axis leads, so nothing is transposed for the wire (blocks padded to one shape).
+    `scatter_parts_as_computed` with every block ready at once."""
+    exchange = scatter_parts_as_computed(parts, group, tag)
+    for p in exchange.order:
+        exchange.ready(p)
+    return exchange.result()
 
 
 def scatter_parts_adjoint(dy, group, tag: str = "scatter_parts_adjoint"):
-    """forward: allgather of equal-shaped blocks over `group` -> [size, ...]."""
-    return group.allgather_parts(dy, tag=tag)
+    """forward: allgather of equal-shaped blocks over `group` -> [size, ...].
+    `scatter_parts_adjoint_own_first` with every block read."""
+    gathered = scatter_parts_adjoint_own_first(dy, group, tag)
+    xp = get_array_module(dy)
+    return xp.stack([gathered.block(p) for p in range(group.size)])
 
 
 def scatter_parts_as_computed(store, group, tag: str = "scatter_parts"):
     """`scatter_parts` fed block by block: a `backend.PartsExchange` over `store` [size, ...]
     (`order`, `ready(p)`, `result()`), so that finished blocks travel while the caller
-    computes the next. Same result, same adjoint."""
+    computes the next (`jigsaw.matmul.xwt_forward`)."""
     return group.parts_exchange(store, tag=tag)
 
 
 def scatter_parts_adjoint_own_first(dy, group, tag: str = "scatter_parts_adjoint"):
     """`scatter_parts_adjoint` read block by block: a `backend.PartsGather` (`order`,
-    `block(p)`), this rank's own block first and usable while the others arrive."""
+    `block(p)`), this rank's own block first and usable while the others arrive
+    (`jigsaw.matmul.xwt_backward`)."""
     return group.parts_gather(dy, tag=tag)
 
 
