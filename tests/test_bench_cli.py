@@ -1,5 +1,5 @@
 """`weathermixer bench` reports per-rank memory, traffic and time; 4-way holds <= 0.27 of
-the 1-way parameter bytes per rank."""
+the 1-way parameter bytes per rank; with replicas it times each replica alone too."""
 import json
 
 from tests.test_mpi import run_under_mpi
@@ -21,7 +21,23 @@ def test_four_way_bench_reports_every_rank(tmp_path):
         assert r["bytes_sent_per_step"]["xwt.scatter_y"] > 0
         assert r["bytes_sent_per_step"]["layernorm"] > 0
         assert 0 < r["comm_seconds_per_step"] < r["seconds_per_step"]
+        assert r["dp_efficiency"] is None  # one replica
     assert "bytes sent per step" in proc.stdout
+
+
+def test_two_replicas_bench_times_each_replica_alone(tmp_path):
+    """Each rank reports the step of its replica alone and the ratio of the two; the bytes per
+    step stay those of the data-parallel step: one gradient sum of every parameter."""
+    out = tmp_path / "bench.json"
+    proc = run_under_mpi(2, ["-m", "weathermixer", "bench", "--jigsaw", "1", "--batch", "2",
+                             "--json", str(out)] + SMALL, limit=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        assert r["replicas"] == 2 and r["solo_step_ms"] > 0
+        assert abs(r["dp_efficiency"] - r["solo_step_ms"] / r["step_ms"]) < 1e-12
+        assert r["bytes_sent_per_step"]["sync.data"] == r["param_bytes"]
+    assert "data-parallel efficiency" in proc.stdout
 
 
 def test_one_rank_bench_sends_nothing(tmp_path):

@@ -329,3 +329,23 @@ def test_bad_config_raises():
     with pytest.raises(ValueError):
         wm.Config(n_lat=6, n_lon=12, n_prognostic=0, n_static=1, patch_lat=2, patch_lon=3,
                   embed_dim=5, token_hidden_dim=7, channel_hidden_dim=9, n_blocks=1)
+
+
+def test_solo_layout_is_one_replica_alone():
+    """`mixer.bench.solo_layout`: the same partitions, `data` a group of one, the other
+    groups and the replica count kept (so each replica still divides by the global batch)."""
+    import dataclasses
+
+    from weathermixer.jigsaw.backend import LocalGroup
+    from weathermixer.jigsaw.grid import ProcessGrid
+    from weathermixer.mixer.bench import solo_layout
+    from weathermixer.mixer.layout import Layout
+    cfg = wm.Config(n_lat=10, n_lon=12, n_prognostic=5, n_static=2, patch_lat=2, patch_lon=4,
+                    embed_dim=13, token_hidden_dim=7, channel_hidden_dim=9, n_blocks=2)
+    grid = dataclasses.replace(ProcessGrid.serial(), n_dp=3, data=object())
+    layout = Layout(cfg, grid)
+    solo = solo_layout(layout)
+    assert isinstance(solo.grid.data, LocalGroup) and solo.grid.n_dp == 3
+    assert solo.grid.model is grid.model and solo.grid.world is grid.world
+    assert solo.tokens == layout.tokens
+    assert np.array_equal(solo.prognostic_channels, layout.prognostic_channels)

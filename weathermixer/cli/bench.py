@@ -65,6 +65,13 @@ def format_table(rows) -> str:
                      f"{r['gemm_fraction']:>7.3f} {r['peak_device_bytes'] / 2**30:>8.2f} "
                      f"{r['peak_in_use_bytes'] / 2**30:>8.2f} "
                      f"{r['param_bytes'] / 1e6:>10.2f} {r['param_fraction']:>8.3f}")
+    if any(r.get("dp_efficiency") is not None for r in rows):
+        lines.append("data-parallel efficiency: the step of this replica alone (no gradient sums "
+                     "over `data`, same processes and GPUs) / the step above")
+        lines.append(f"{'rank':>4} {'alone ms':>8} {'step ms':>8} {'efficiency':>10}")
+        for r in rows:
+            lines.append(f"{r['rank']:>4} {r['solo_step_ms']:>8.2f} {r['step_ms']:>8.2f} "
+                         f"{r['dp_efficiency']:>10.3f}")
     if ops:
         lines.append("bytes sent per step (MB) by operator:")
         lines.append(f"{'rank':>4} " + " ".join(f"{op:>20}" for op in ops))

@@ -7,7 +7,12 @@
     backward  loss_and_grads minus forward
     step      loss_and_grads + AdamW (the training step; nothing in it waits for the device)
 
-and reports per rank: ms per step, achieved TFLOP/s (2 m n k per GEMM of the forward pass,
+With replicas (n_dp > 1) it also times the same step of each replica alone, its `data` group
+made a group of one (`solo_layout`: no gradient crosses replicas), in the same processes on the
+same GPUs, right after the timed steps: `solo_step_ms`, and `dp_efficiency` = solo / step,
+the data-parallel efficiency without a separate 1-GPU run to divide by.
+
+It reports per rank: ms per step, achieved TFLOP/s (2 m n k per GEMM of the forward pass,
 3x that for a step, divided over the ranks of a model group), the same against the rate of
 one large GEMM measured in the same run, the share of the step spent inside collectives
 (from a second series of steps in which every collective waits for the device and is timed
@@ -18,13 +23,15 @@ that live arrays used during one step (like max_memory_allocated).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 
 from weathermixer.autograd.xp import synchronize
-from weathermixer.jigsaw.backend import COMM_LOG
+from weathermixer.jigsaw.backend import COMM_LOG, LocalGroup
 from weathermixer.mixer.api import loss_array_and_grads, predict
+from weathermixer.mixer.layout import Layout
 from weathermixer.mixer.optim import AdamW
 from weathermixer.mixer.params import init_params
 
@@ -89,6 +96,13 @@ def peak_in_use_bytes(xp, fn) -> int:
     return peak[0]
 
 
+def solo_layout(layout) -> Layout:
+    """`layout` for one replica alone: its `data` group a group of one, so no gradient
+    crosses replicas. Each replica still divides its loss by the global batch, so the step
+    does the same work as in the data-parallel run, less the gradient sums."""
+    return Layout(layout.cfg, dataclasses.replace(layout.grid, data=LocalGroup("data")))
+
+
 def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=np,
               rollout: int = 1, seed: int = 0, gemm_size: int | None = None) -> dict:
     """This rank's measurements (see the module docstring); `batch` is the global batch."""
@@ -104,12 +118,12 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
     def forward():
         predict(params, x, cfg, rollout=rollout, layout=layout)
 
-    def gradients():
-        return loss_array_and_grads(params, x, target, cfg, rollout=rollout, layout=layout)
+    def gradients(lay=layout):
+        return loss_array_and_grads(params, x, target, cfg, rollout=rollout, layout=lay)
 
-    def step():
-        _, grads = gradients()
-        opt.step(params, grads, layout)
+    def step(lay=layout):
+        _, grads = gradients(lay)
+        opt.step(params, grads, lay)
 
     for _ in range(warmup):
         step()
@@ -118,6 +132,12 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
     t_fwd = float(np.median([seconds(xp, forward) for _ in range(steps)]))
     t_grad = float(np.median([seconds(xp, gradients) for _ in range(steps)]))
     t_step = float(np.median([seconds(xp, step) for _ in range(steps)]))
+    t_solo = None
+    if grid.n_dp > 1:
+        solo = solo_layout(layout)
+        step(solo)
+        grid.world.barrier()
+        t_solo = float(np.median([seconds(xp, lambda: step(solo)) for _ in range(steps)]))
     COMM_LOG.reset()  # then the same steps again, each collective timed on its own
     COMM_LOG.synchronize = True
     t_timed = sum(seconds(xp, step) for _ in range(steps))
@@ -135,6 +155,8 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
         "device": "gpu" if xp is not np else "cpu",
         "forward_ms": 1e3 * t_fwd, "backward_ms": 1e3 * (t_grad - t_fwd), "step_ms": 1e3 * t_step,
         "seconds_per_step": t_step, "comm_seconds_per_step": comm,
+        "solo_step_ms": None if t_solo is None else 1e3 * t_solo,
+        "dp_efficiency": None if t_solo is None else t_solo / t_step,
         "compute_seconds_per_step": t_step - comm, "comm_share": share,
         "tflops_per_rank": rate, "gemm_tflops": gemm, "gemm_fraction": rate / gemm,
         "peak_device_bytes": peak, "peak_in_use_bytes": in_use,
