@@ -18,7 +18,8 @@ CASES = [("test_ops_mpi.py", n) for n in (1, 2, 4)] + \
         [("test_kernels_mpi.py", n) for n in (1, 2, 4)] + \
         [("test_model_mpi.py", n) for n in (1, 2, 4, 8)] + \
         [("test_data_mpi.py", n) for n in (1, 2, 4)] + \
-        [("test_backend_mpi.py", n) for n in (1, 2, 3)]
+        [("test_backend_mpi.py", n) for n in (1, 2, 3)] + \
+        [("test_nccl_paths_mpi.py", n) for n in (1, 2, 3)]
 LIMIT_S = 300
 
 
