@@ -33,6 +33,13 @@ def composite(n1, n2, parts):
     return Partition.concat(Partition.even(n1, parts), Partition.even(n2, parts))
 
 
+def xw_partitions(nr, nc):
+    """The cuts of the xw and xtw tests: rows R over `frame.rows`, A = K over `frame.cols` (in
+    X) and over `frame.rows` (in W, or in xtw's output), C = N over `frame.cols`."""
+    return (Partition.even(R, nr), Partition.even(K, nc), Partition.even(K, nr),
+            Partition.even(N, nc))
+
+
 def close(a, b, what):
     err = relative_error(a, b)
     assert_all(err < TOL, f"{what}: relative error {err:.3e}")
@@ -63,10 +70,8 @@ def test_xw_equals_serial(pd, pc, frame):
     grid = make_grid(pd, pc)
     r, c, nr, nc = coords(grid, frame)
     rng = np.random.default_rng(1)
-    A, C = K, N
-    X, W, dY = rng.normal(size=(B, R, A)), rng.normal(size=(A, C)), rng.normal(size=(B, R, C))
-    rows, a_x, a_w, cols = (Partition.even(R, nr), Partition.even(A, nc), Partition.even(A, nr),
-                            Partition.even(C, nc))
+    X, W, dY = rng.normal(size=(B, R, K)), rng.normal(size=(K, N)), rng.normal(size=(B, R, N))
+    rows, a_x, a_w, cols = xw_partitions(nr, nc)
     x = take(X, (slice(None), rows.index(r), a_x.index(c)))
     w = take(W, (a_w.index(r), cols.index(c)))
     y, cache = xw_forward(x, w, grid, frame, a_x, a_w)
@@ -82,10 +87,8 @@ def test_xtw_equals_serial(pd, pc, frame):
     grid = make_grid(pd, pc)
     r, c, nr, nc = coords(grid, frame)
     rng = np.random.default_rng(2)
-    A, C = K, N
-    X, W, dY = rng.normal(size=(B, R, A)), rng.normal(size=(B, R, C)), rng.normal(size=(A, C))
-    rows, a_x, a_out, cols = (Partition.even(R, nr), Partition.even(A, nc), Partition.even(A, nr),
-                              Partition.even(C, nc))
+    X, W, dY = rng.normal(size=(B, R, K)), rng.normal(size=(B, R, N)), rng.normal(size=(K, N))
+    rows, a_x, a_out, cols = xw_partitions(nr, nc)
     x = take(X, (slice(None), rows.index(r), a_x.index(c)))
     w = take(W, (slice(None), rows.index(r), cols.index(c)))
     y, cache = xtw_forward(x, w, grid, frame, a_x, a_out)
