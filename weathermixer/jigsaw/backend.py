@@ -520,8 +520,9 @@ class NCCLGroup(MPIGroup):
             parts = xp.ascontiguousarray(full).reshape((self.size, m) + full.shape[1:])
         else:
             parts = xp.zeros((self.size, m) + full.shape[1:], dtype=x.dtype)  # padded parts
-            for p, (a, b) in enumerate(zip(offsets(sizes)[:-1], offsets(sizes)[1:])):
-                parts[p, :b - a] = full[a:b]
+            o = offsets(sizes)
+            for p, s in enumerate(sizes):
+                parts[p, :s] = full[o[p]:o[p + 1]]
         recv = xp.empty(parts.shape[1:], dtype=parts.dtype)  # [m, ...rest]
         event = self._launch(tag, parts.nbytes * (self.size - 1) / self.size,
                              lambda stream: self.nccl.reduceScatter(
