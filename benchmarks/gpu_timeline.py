@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--grid", default="1x1")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--trace", default=None)
+    ap.add_argument("--top", type=int, default=0,
+                    help="also print rank 0's N costliest compute kernels and N longest idle gaps")
     a = ap.parse_args()
     from mpi4py import MPI
     from torch.profiler import ProfilerActivity, profile
@@ -96,6 +98,8 @@ def main():
     print("rank " + " ".join(f"{k:>13}" for k in keys))
     for r, row in enumerate(rows):
         print(f"{r:>4} " + " ".join(f"{row[k]:>13.2f}" for k in keys))
+    if a.top:
+        print_top(events, a.top)
     print("rank 0's NCCL kernels:")
     print(f"{'start ms':>9} {'ms':>7} {'beside compute ms':>18} stream  kernel")
     for row in nccl_rows:
@@ -120,6 +124,29 @@ def summarise(events):
              f"{overlap(e['ts'], e['ts'] + e['dur'], busy) / 1e3:>18.2f} "
              f"{e.get('args', {}).get('stream', '?'):>6}  {e['name'][:60]}" for e in nccl]
     return summary, lines
+
+def print_top(events, n):
+    """Rank 0's costliest compute kernels (by name: count, total ms) and its longest gaps with
+    no kernel (start ms, length ms, the kernels either side)."""
+    totals = {}
+    for e in events:
+        if "nccl" not in e["name"].lower():
+            c, t = totals.get(e["name"][:70], (0, 0.0))
+            totals[e["name"][:70]] = (c + 1, t + e["dur"] / 1e3)
+    print(f"rank 0's costliest compute kernels:\n{'count':>6} {'ms':>8}  kernel")
+    for name, (c, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:n]:
+        print(f"{c:>6} {t:>8.2f}  {name}")
+    ev = sorted(events, key=lambda e: e["ts"])
+    t0, gaps, end = ev[0]["ts"], [], ev[0]["ts"] + ev[0]["dur"]
+    for prev_i, e in enumerate(ev[1:]):
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, end, ev[prev_i]["name"][:40], e["name"][:40]))
+        end = max(end, e["ts"] + e["dur"])
+    print(f"rank 0's idle gaps: {len(gaps)}, {sum(g[0] for g in gaps) / 1e3:.2f} ms; "
+          f"{sum(g[0] for g in gaps if g[0] < 20) / 1e3:.2f} ms in gaps under 20 us; longest:")
+    for g, at, before, after in sorted(gaps, reverse=True)[:n]:
+        print(f"{(at - t0) / 1e3:>9.2f} {g / 1e3:>7.3f}  after {before} | before {after}")
+
 
 if __name__ == "__main__":
     main()
