@@ -52,6 +52,9 @@ def main():
     ap.add_argument("--trace", default=None)
     ap.add_argument("--top", type=int, default=0,
                     help="also print rank 0's N costliest compute kernels and N longest idle gaps")
+    ap.add_argument("--sites", type=int, default=0,
+                    help="then profile one more step with Python stacks and print rank 0's N "
+                         "costliest (kernel, launching line of the package) pairs, GEMMs aside")
     a = ap.parse_args()
     from mpi4py import MPI
     from torch.profiler import ProfilerActivity, profile
@@ -88,6 +91,14 @@ def main():
     events = [e for e in json.load(open(path))["traceEvents"]
               if e.get("cat") == "kernel" and "dur" in e]
     summary, nccl_rows = summarise(events)
+    site_events = None
+    if a.sites:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     with_stack=True) as prof:
+            step()
+            xp.cuda.Device().synchronize()
+        prof.export_chrome_trace(path)
+        site_events = json.load(open(path))["traceEvents"]
     summary["step_ms"] = ms
     rows = grid.world.gather_json(summary)
     if grid.world.rank != 0:
@@ -100,6 +111,8 @@ def main():
         print(f"{r:>4} " + " ".join(f"{row[k]:>13.2f}" for k in keys))
     if a.top:
         print_top(events, a.top)
+    if a.sites:
+        print_sites(site_events, a.sites)
     print("rank 0's NCCL kernels:")
     print(f"{'start ms':>9} {'ms':>7} {'beside compute ms':>18} stream  kernel")
     for row in nccl_rows:
@@ -124,6 +137,36 @@ def summarise(events):
              f"{overlap(e['ts'], e['ts'] + e['dur'], busy) / 1e3:>18.2f} "
              f"{e.get('args', {}).get('stream', '?'):>6}  {e['name'][:60]}" for e in nccl]
     return summary, lines
+
+def print_sites(trace, n):
+    """Each non-GEMM, non-NCCL kernel charged to the innermost frame of the package that was
+    running when the host launched it (CUPTI correlation ids tie a kernel to its launch)."""
+    launches = {e["args"]["correlation"]: e for e in trace
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in
+                e.get("args", {})}
+    frames = sorted((e["ts"], e["ts"] + e["dur"], e["tid"], e["name"]) for e in trace
+                    if e.get("cat") == "python_function" and "weathermixer" in e["name"]
+                    and "dur" in e)
+    totals = {}
+    for k in trace:
+        name = k.get("name", "").lower()
+        if k.get("cat") != "kernel" or "gemm" in name or "nccl" in name:
+            continue
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        site = "?"
+        if launch is not None:
+            t, tid = launch["ts"], launch["tid"]
+            inner = [f for f in frames if f[0] <= t <= f[1] and f[2] == tid]
+            if inner:  # the innermost two frames of the package
+                site = " < ".join(f[3].split("weathermixer/")[-1] for f in sorted(inner)[::-1][:2])
+        key = (k["name"][:40], site[:110])
+        c, ms = totals.get(key, (0, 0.0))
+        totals[key] = (c + 1, ms + k["dur"] / 1e3)
+    print(f"rank 0's costliest kernels by launching line (GEMMs and NCCL aside):\n"
+          f"{'count':>6} {'ms':>8}  kernel | line")
+    for (kname, site), (c, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:n]:
+        print(f"{c:>6} {ms:>8.2f}  {kname} | {site}")
+
 
 def print_top(events, n):
     """Rank 0's costliest compute kernels (by name: count, total ms) and its longest gaps with
