@@ -66,6 +66,7 @@ def _fake_cupy():
     mod.ascontiguousarray = lambda a: _dev(np.ascontiguousarray(a))
     mod.concatenate = lambda arrays: _dev(np.concatenate(arrays))
     mod.moveaxis = lambda a, src, dst: _dev(np.moveaxis(a, src, dst))
+    mod.add = np.add
     return mod
 
 
@@ -127,14 +128,25 @@ def device_collectives(g) -> dict:
     """name -> this rank's call of the NCCL path that `expected()` has a result for."""
     mine = {k: _dev(v) for k, v in inputs(RANK).items()}
 
-    def exchange():
-        store = _dev(np.empty_like(mine["parts"]))
+    def exchange(width=None):
+        """The own block written through `own_pieces(width)` where the exchange asks for
+        pieces: the first `width` of its columns (the rest is padding, not compared)."""
+        parts = mine["parts"]  # [N, R, m]
+        width = parts.shape[-1] if width is None else width
+        store = _dev(np.empty_like(parts))
         ex = g.parts_exchange(store)
         assert ex.order[-1] == RANK and sorted(ex.order) == list(range(N)), ex.order
         for p in ex.order:
-            store[p] = mine["parts"][p]
+            if p == RANK and ex.split_own:
+                pieces = ex.own_pieces(width)
+                assert [(c0, c1) for c0, c1, _ in pieces] == [(0, width // 2), (width // 2, width)]
+                for c0, c1, piece in pieces:
+                    assert piece.flags.c_contiguous and np.shares_memory(piece, store[RANK])
+                    piece[...] = parts[p][..., c0:c1]
+            else:
+                store[p] = parts[p]
             ex.ready(p)
-        return ex.result()
+        return ex.result()[..., :width]
 
     def gather():
         gathered = g.parts_gather(mine["x"])
@@ -157,11 +169,13 @@ def device_collectives(g) -> dict:
             "start_reduce_scatter": lambda: g.start_reduce_scatter(mine["full"], -1,
                                                                    SIZES).get(),
             "parts_exchange": exchange,
+            "parts_exchange_padded": lambda: exchange(width=2),
             "parts_gather": gather}
 
 
 def test_device_paths_of_nccl_group(group):
     want = expected()
+    want["parts_exchange_padded"] = want["parts_exchange"][..., :2]
     for name, call in device_collectives(group).items():
         out = call()
         on_device = N == 1 or isinstance(out, Dev)

@@ -68,34 +68,45 @@ def input_gradient_operands(dy, w):
     return dy, w
 
 
-def contract_leading(a, b):
-    """sum over every axis but the last of a[..., n] b[..., k] -> [n, k] (dW of a GEMM): one
-    tall GEMM for C-contiguous operands, else one 2-D GEMM per index of the leading axes."""
-    if a.ndim == 2:
-        return _tall_product(a, b)
+def contract_leading(a, b, out=None):
+    """sum over every axis but the last of a[..., n] b[..., k] -> [n, k] (dW of a GEMM), into
+    `out` (C-contiguous) if given: one tall GEMM for C-contiguous operands, else one 2-D GEMM
+    per index of the leading axes."""
     if a.ndim == 1:
-        return a[:, None] * b[None, :]
+        return _into(out, a[:, None] * b[None, :])
+    if a.ndim == 2:
+        return _tall_product(a, b, out)
     if a.flags.c_contiguous and b.flags.c_contiguous:  # the batch is one tall GEMM
-        return _tall_product(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
-    out = None
-    for i in np.ndindex(*a.shape[:-2]):
-        term = _tall_product(a[i], b[i])  # [n, k]
-        out = term if out is None else out + term
+        return _tall_product(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), out)
+    for n, i in enumerate(np.ndindex(*a.shape[:-2])):
+        if n == 0:
+            out = _tall_product(a[i], b[i], out)  # [n, k]
+        else:
+            out += _tall_product(a[i], b[i])
     return out
 
 
-def _tall_product(a, b):
-    """a^T b for a [m, n], b [m, k] with a long m (a weight gradient). On GPUs, unless b is
-    column-major already, the smaller operand is first copied to a layout cuBLAS runs faster:
-    b column-major, or a^T row-major where a is the smaller (C1 on an H200,
-    benchmarks/gpu_gemms.py: channel fc2 1.89 ms with the copy against 2.56, token fc2 3.72
-    against 4.27, recovery 3.77 against 5.71). On the host the product is taken as it is."""
-    if not is_device_array(a) or b.flags.f_contiguous:
-        return a.T @ b
+def _into(out, value):
+    if out is None:
+        return value
+    out[...] = value
+    return out
+
+
+def _tall_product(a, b, out=None):
+    """a^T b for a [m, n], b [m, k] with a long m (a weight gradient), into `out` if given.
+    On GPUs, unless b is column-major already, the smaller operand is first copied to a
+    layout cuBLAS runs faster: b column-major, or a^T row-major where a is the smaller (C1 on
+    an H200, benchmarks/gpu_gemms.py: channel fc2 1.89 ms with the copy against 2.56, token
+    fc2 3.72 against 4.27, recovery 3.77 against 5.71). On the host the product is taken as
+    it is."""
     xp = get_array_module(a)
-    if a.size < b.size:
-        return xp.ascontiguousarray(a.T) @ b
-    return a.T @ xp.asfortranarray(b)
+    if is_device_array(a) and not b.flags.f_contiguous:
+        if a.size < b.size:
+            a = xp.ascontiguousarray(a.T).T
+        else:
+            b = xp.asfortranarray(b)
+    return xp.matmul(a.T, b, out=out)
 
 
 def sum_except(a, axis: int):

@@ -87,6 +87,8 @@ class PartsExchange:
     This base form waits for every block, then makes one reduce-scatter; `NCCLGroup` sends
     each block while the next one is computed (`PairwiseExchange`)."""
 
+    split_own = False  # whether the own block is computed in pieces (`own_pieces`)
+
     def __init__(self, group, store, tag: str):
         self.group, self.store, self.tag = group, store, tag
         self.order = list(range(group.size))
@@ -566,8 +568,10 @@ class PairwiseExchange(PartsExchange):
     """`PartsExchange` over NCCL. In round s = 1 .. size-1 this rank sends its partial for
     member rank+s and receives member rank-s's partial for its own block (a send and a recv,
     grouped, on the group's side stream) as soon as the block is computed, while the caller
-    computes the next one; the own block comes last, and the received partials are added to
-    it. The same bytes as one reduce-scatter, hidden behind the GEMMs of the later blocks."""
+    computes the next one; the own block comes last, in two pieces (`own_pieces`), and the
+    received partials are added to it. The same bytes as one reduce-scatter, hidden behind
+    the GEMMs of the later blocks."""
+    split_own = True
 
     def __init__(self, group, store, tag: str):
         super().__init__(group, store, tag)
@@ -575,6 +579,23 @@ class PairwiseExchange(PartsExchange):
         self.order = [(r + s) % n for s in range(1, n)] + [r]
         self.received = get_array_module(store).empty((n - 1,) + store.shape[1:],
                                                       dtype=store.dtype)  # [size - 1, ...]
+        self.pieces = None
+
+    def own_pieces(self, width: int):
+        """Where the caller computes its own block, whose first `width` columns hold values:
+        two column halves [(c0, c1, piece [.., R, c1 - c0])], each a C-contiguous array laid
+        in the own slot of `store` (which never travels). A cuBLAS GEMM on Hopper keeps every
+        SM until it ends, so the send of the block before could start only after a
+        whole-block GEMM; it starts between the halves, and runs beside the second."""
+        lead = self.store.shape[1:-1]  # (.., R)
+        slot = self.store[self.group.rank].reshape(-1)  # the own slot's memory, in order
+        cuts = sorted({0, width // 2, width})
+        self.pieces, start = [], 0
+        for c0, c1 in zip(cuts, cuts[1:]):
+            n = int(np.prod(lead, dtype=np.int64)) * (c1 - c0)
+            self.pieces.append((c0, c1, slot[start:start + n].reshape(lead + (c1 - c0,))))
+            start += n
+        return self.pieces
 
     def ready(self, p: int):
         g, r, n = self.group, self.group.rank, self.group.size
@@ -593,8 +614,15 @@ class PairwiseExchange(PartsExchange):
         g._launch(self.tag, send.nbytes, exchange, overlap=True, keep=(send, self.received))
 
     def result(self):
+        """[.., R, m]: the own block plus the received partials (columns past the `width` of
+        `own_pieces`, if used, are left unset: they are padding)."""
         self.group.wait()
-        mine = self.store[self.group.rank] + self.received[0]  # a fresh array
-        for extra in self.received[1:]:
-            mine += extra
+        xp = get_array_module(self.store)
+        mine = xp.empty(self.store.shape[1:], dtype=self.store.dtype)
+        pieces = self.pieces or [(0, mine.shape[-1], self.store[self.group.rank])]
+        for c0, c1, piece in pieces:
+            out = mine[..., c0:c1]
+            xp.add(piece, self.received[0][..., c0:c1], out=out)
+            for extra in self.received[1:]:
+                out += extra[..., c0:c1]
         return mine

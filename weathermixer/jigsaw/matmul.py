@@ -68,15 +68,19 @@ def xwt_forward(x, w, grid, frame: Frame, w_rows: Partition, out_cols: Partition
 
     The partial product of every output block is handed to the reduce-scatter as soon as it
     is computed, the other members' blocks first: on GPUs each travels while the next GEMM
-    runs (`backend.PairwiseExchange`)."""
+    runs (`backend.PairwiseExchange`, which also has the own block computed in two pieces)."""
     cols = grid.group(frame.cols)
     wg = (panel or start_panel(w, grid, frame, w_rows)).get()  # [N, K_c]
-    sizes = out_cols.sizes
+    sizes, o = out_cols.sizes, offsets(out_cols.sizes)
     store = _parts_store(x, sizes, transposed_out)  # [Pc, .., R_r, m], or [Pc, .., m, R_r]
     parts = store.swapaxes(-1, -2) if transposed_out else store  # [Pc, .., R_r, m]
     exchange = ops.scatter_parts_as_computed(store, cols, tag="xwt.scatter_y")
     for p in exchange.order:
-        _partial_product(x, wg, sizes, p, parts[p])
+        if p == cols.rank and exchange.split_own and not transposed_out:
+            for c0, c1, piece in exchange.own_pieces(sizes[p]):  # [.., R_r, c1 - c0]
+                matmul(x, wg[o[p] + c0:o[p] + c1].T, out=piece)
+        else:
+            _partial_product(x, wg, sizes, p, parts[p])
         exchange.ready(p)
     y = exchange.result()  # [.., R_r, m], or its storage
     y = y.swapaxes(-1, -2) if transposed_out else y  # [.., R_r, m]
@@ -120,7 +124,9 @@ def xwt_backward(dy, cache, need_dx: bool = True):
     sizes, o = out_cols.sizes, offsets(out_cols.sizes)
     xp = get_array_module(dy)
     m = max(sizes)
-    mine = dy if dy.shape[-1] == m else _pad_last(dy, m)  # [.., R_r, m]
+    # [.., R_r, m]: padded, or made C-contiguous once for both the wire and this rank's GEMMs
+    mine = (_pad_last(dy, m) if dy.shape[-1] != m else
+            xp.ascontiguousarray(dy) if cols.size > 1 else dy)
     gathered = ops.scatter_parts_adjoint_own_first(mine, cols, tag="xwt.gather_dy")
     panel = start_panel(w, grid, frame, w_rows) if need_dx else None
     blocks = {}  # dY[.., R_r, N_p] by p
@@ -131,7 +137,7 @@ def xwt_backward(dy, cache, need_dx: bool = True):
         dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R parts
         for p in gathered.order:  # own block first: the first other block waits for the gather
             blocks[p] = gathered.block(p)[..., :sizes[p]]
-            dwg[o[p]:o[p + 1]] = contract_leading(blocks[p], x)
+            contract_leading(blocks[p], x, out=dwg[o[p]:o[p + 1]])
     dw = ops.start_gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
     dx = None
     if need_dx:
