@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from weathermixer.autograd.xp import get_array_module, is_device_array, to_host, to_module
-from weathermixer.jigsaw.shard import halves, offsets
+from weathermixer.jigsaw.shard import offsets
 
 
 class CommLog:
@@ -589,8 +589,9 @@ class PairwiseExchange(PartsExchange):
         whole-block GEMM; it starts between the halves, and runs beside the second."""
         lead = self.store.shape[1:-1]  # (.., R)
         slot = self.store[self.group.rank].reshape(-1)  # the own slot's memory, in order
+        cuts = sorted({0, width // 2, width})
         self.pieces, start = [], 0
-        for c0, c1 in halves(width):
+        for c0, c1 in zip(cuts, cuts[1:]):
             n = int(np.prod(lead, dtype=np.int64)) * (c1 - c0)
             self.pieces.append((c0, c1, slot[start:start + n].reshape(lead + (c1 - c0,))))
             start += n

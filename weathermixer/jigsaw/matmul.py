@@ -39,7 +39,7 @@ from weathermixer.autograd.linear import (contract_leading, input_gradient_opera
                                           is_transposed, matmul)
 from weathermixer.autograd.xp import get_array_module
 from weathermixer.jigsaw import ops
-from weathermixer.jigsaw.shard import Partition, halves, offsets
+from weathermixer.jigsaw.shard import Partition, offsets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +115,7 @@ def xwt_backward(dy, cache, need_dx: bool = True):
     dW first, then dX, so that on GPUs every exchange runs beside a GEMM that does not need
     it: dY's other blocks and the W panel arrive while the own block's dW is computed
     (`backend.PartsGather`, `start_panel`), and dW's partial sums are reduce-scattered while
-    dX is computed. The own block's dW is two GEMMs, so that the gather begun just before it
-    can start between them (see `backend.PairwiseExchange.own_pieces`). Nothing is transposed: dY's blocks are used block by block. The W panel
+    dX is computed. Nothing is transposed: dY's blocks are used block by block. The W panel
     is gathered again rather than cached from the forward: one more exchange instead of
     holding a gathered panel per layer between forward and backward.
     """
@@ -138,8 +137,7 @@ def xwt_backward(dy, cache, need_dx: bool = True):
         dwg = xp.empty((o[-1], x.shape[-1]), dtype=x.dtype)  # [N, K_c], partial over R parts
         for p in gathered.order:  # own block first: the first other block waits for the gather
             blocks[p] = gathered.block(p)[..., :sizes[p]]
-            for c0, c1 in halves(sizes[p]) if p == cols.rank else [(0, sizes[p])]:
-                contract_leading(blocks[p][..., c0:c1], x, out=dwg[o[p] + c0:o[p] + c1])
+            contract_leading(blocks[p], x, out=dwg[o[p]:o[p + 1]])
     dw = ops.start_gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
     dx = None
     if need_dx:

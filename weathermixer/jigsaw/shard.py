@@ -23,13 +23,6 @@ def split_sizes(n: int, p: int) -> list[int]:
     return [base + 1 if r < extra else base for r in range(p)]
 
 
-def halves(n: int) -> list[tuple[int, int]]:
-    """[(0, n // 2), (n // 2, n)], less an empty half: a range cut in two (one GEMM made two,
-    see `backend.PairwiseExchange.own_pieces`)."""
-    cuts = sorted({0, n // 2, n})
-    return list(zip(cuts, cuts[1:]))
-
-
 def offsets(sizes) -> list[int]:
     """Start of every part, plus the total at the end."""
     return [0] + list(np.cumsum(sizes, dtype=np.int64).tolist())
