@@ -108,9 +108,11 @@ def _partial_product(x, wg, sizes, p: int, out):
         out[..., :sizes[p]] = matmul(x, wg[o[p]:o[p + 1]].T)
 
 
-def xwt_backward(dy, cache, need_dx: bool = True):
+def xwt_backward(dy, cache, need_dx: bool = True, on_dw=None):
     """(dX [.., R_r, K_c], dW [N_r, K_c]) = (xw(dY, W), xtw(dY, X)), sharing one gather of dY.
-    Without `need_dx` (the first layer), dX is None and its GEMM is skipped.
+    Without `need_dx` (the first layer), dX is None and its GEMM is skipped. `on_dw(dW)` (if
+    given) is called as soon as dW is complete without holding up dX: before the dX GEMMs
+    where dW needs no reduce-scatter over `frame.rows`, after them where it does.
 
     dW first, then dX, so that on GPUs every exchange runs beside a GEMM that does not need
     it: dY's other blocks and the W panel arrive while the own block's dW is computed
@@ -139,6 +141,8 @@ def xwt_backward(dy, cache, need_dx: bool = True):
             blocks[p] = gathered.block(p)[..., :sizes[p]]
             contract_leading(blocks[p], x, out=dwg[o[p]:o[p + 1]])
     dw = ops.start_gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
+    if on_dw is not None and rows.size == 1:
+        on_dw, _ = None, on_dw(dw.get())
     dx = None
     if need_dx:
         wg = panel.get()  # [N, K_c]
@@ -151,6 +155,8 @@ def xwt_backward(dy, cache, need_dx: bool = True):
                 dx = term
             else:
                 _storage(dx)[...] += _storage(term)
+    if on_dw is not None:
+        on_dw(dw.get())
     return dx, dw.get()
 
 

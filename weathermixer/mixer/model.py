@@ -66,10 +66,21 @@ def start_dense_panel(params, name, layout):
     return start_panel(params[name + "/weight"], layout.grid, d.frame, d.w_rows)
 
 
-def dense_backward(dy, cache, grads, name, need_dx: bool = True):
-    dx, dw = xwt_backward(dy, cache, need_dx)
-    _accumulate(grads, name + "/weight", dw)
-    _accumulate(grads, name + "/bias", sum_except(dy, -1))
+def dense_backward(dy, cache, grads, name, need_dx: bool = True, ready=None):
+    """The input gradient (None without `need_dx`); the weight and bias gradients go to
+    `grads`. `ready(grads, prefix)` (when given) is told of the weight as soon as it is
+    complete, before the input-gradient GEMMs where it can be (`xwt_backward`'s `on_dw`), and
+    of the bias after its GEMV: the GEMV between them lets the weight's data-parallel sum
+    start before the next GEMM holds every SM."""
+    ready = ready or _nothing_ready
+
+    def weight_done(dw):
+        _accumulate(grads, name + "/weight", dw)
+        ready(grads, name + "/weight")
+        _accumulate(grads, name + "/bias", sum_except(dy, -1))
+        ready(grads, name + "/bias")
+
+    dx, _ = xwt_backward(dy, cache, need_dx, on_dw=weight_done)
     return dx
 
 
@@ -115,16 +126,18 @@ def mixer_block_backward(dz, cache, grads, ready=None):
     b = f"blocks/{n}/"
     ready = ready or _nothing_ready
     dz, dbranch = residual_backward(dz)
-    dg = dense_backward(dbranch, c_c2, grads, b + "channel_mixing/fc2")
-    du = dense_backward(gelu_backward(dg, c_g2), c_c1, grads, b + "channel_mixing/fc1")
+    dg = dense_backward(dbranch, c_c2, grads, b + "channel_mixing/fc2", ready=ready)
+    du = dense_backward(gelu_backward(dg, c_g2), c_c1, grads, b + "channel_mixing/fc1",
+                        ready=ready)
     dz = norm_backward(du, c_cn, grads, b + "channel_norm", plus=dz)  # z fed the branch too
-    ready(grads, b + "channel_")  # channel_mixing and channel_norm
+    ready(grads, b + "channel_norm/")
     dz, dbranch = residual_backward(dz)
-    dh1 = dense_backward(dbranch.swapaxes(-1, -2), c_t2, grads, b + "token_mixing/fc2")
-    ready(grads, b + "token_mixing/fc2/")
-    dut = dense_backward(gelu_backward(dh1, c_g1), c_t1, grads, b + "token_mixing/fc1")
+    dh1 = dense_backward(dbranch.swapaxes(-1, -2), c_t2, grads, b + "token_mixing/fc2",
+                         ready=ready)
+    dut = dense_backward(gelu_backward(dh1, c_g1), c_t1, grads, b + "token_mixing/fc1",
+                         ready=ready)
     dz = norm_backward(dut.swapaxes(-1, -2), c_tn, grads, b + "token_norm", plus=dz)
-    ready(grads, b)  # the rest of the block
+    ready(grads, b + "token_norm/")
     return dz
 
 
