@@ -32,12 +32,17 @@ def test_two_replicas_bench_times_each_replica_alone(tmp_path):
     proc = run_under_mpi(2, ["-m", "weathermixer", "bench", "--jigsaw", "1", "--batch", "2",
                              "--json", str(out)] + SMALL, limit=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert sorted(r["replica"] for r in rows) == [0, 1]
     for r in rows:
         assert r["replicas"] == 2 and r["solo_step_ms"] > 0
         assert abs(r["dp_efficiency"] - r["solo_step_ms"] / r["step_ms"]) < 1e-12
         assert r["bytes_sent_per_step"]["sync.data"] == r["param_bytes"]
-    assert "data-parallel efficiency" in proc.stdout
+    together = 2 / max(r["step_ms"] for r in rows)  # steps per ms of both replicas
+    alone = sum(1 / r["solo_step_ms"] for r in rows)  # one rank per replica here
+    assert abs(result["dp_efficiency"] - together / alone) < 1e-12
+    assert "data-parallel efficiency of the 2 replicas together" in proc.stdout
 
 
 def test_one_rank_bench_sends_nothing(tmp_path):
@@ -46,3 +51,16 @@ def test_one_rank_bench_sends_nothing(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (row,) = json.loads(out.read_text())["rows"]
     assert row["param_fraction"] == 1.0 and not any(row["bytes_sent_per_step"].values())
+
+
+def test_data_parallel_efficiency_counts_each_replica_at_its_slowest_rank():
+    """Two replicas of two ranks: a replica alone steps as fast as its slowest rank, the
+    replicas together as fast as the slowest rank of all."""
+    from weathermixer.mixer.bench import data_parallel_efficiency
+    rows = [dict(replica=0, solo_step_ms=100.0, step_ms=120.0),
+            dict(replica=0, solo_step_ms=110.0, step_ms=121.0),
+            dict(replica=1, solo_step_ms=90.0, step_ms=120.5),
+            dict(replica=1, solo_step_ms=95.0, step_ms=120.0)]
+    want = (2 / 121.0) / (1 / 110.0 + 1 / 95.0)
+    assert abs(data_parallel_efficiency(rows) - want) < 1e-15
+    assert data_parallel_efficiency([dict(replica=0, solo_step_ms=None, step_ms=1.0)]) is None

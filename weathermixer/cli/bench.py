@@ -8,7 +8,7 @@ import numpy as np
 
 from weathermixer.cli.options import config_from_options, model_options
 from weathermixer.cli.train import check_request, grid_shape, make_layout, world_size
-from weathermixer.mixer.bench import run_bench
+from weathermixer.mixer.bench import data_parallel_efficiency, run_bench
 
 # a mid-size default: 32 x 64 grid, patch 1 x 4, E = 256, Mt = 256, Mc = 512, 3 blocks
 DEFAULTS = dict(n_lat=32, n_lon=64, n_prognostic=5, n_static=1, patch_lat=1, patch_lon=4,
@@ -47,9 +47,14 @@ def bench(config, jigsaw, grid, batch, steps, warmup, rollout, dtype, device, pr
                    f"{dtype}{' ' + precision if xp is not np else ''}; median of {steps} steps; "
                    f"large-GEMM rate {rows[0]['gemm_tflops']:.1f} TFLOP/s")
         click.echo(format_table(rows))
+        efficiency = data_parallel_efficiency(rows)
+        if efficiency is not None:
+            click.echo(f"data-parallel efficiency of the {pgrid.n_dp} replicas together: "
+                       f"{efficiency:.3f}")
         if json_path:
             with open(json_path, "w") as fh:
-                json.dump({"config": cfg.to_dict(), "rows": rows}, fh, indent=2)
+                json.dump({"config": cfg.to_dict(), "rows": rows,
+                           "dp_efficiency": efficiency}, fh, indent=2)
 
 
 def format_table(rows) -> str:

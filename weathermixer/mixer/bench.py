@@ -10,7 +10,9 @@
 With replicas (n_dp > 1) it also times the same step of each replica alone, its `data` group
 made a group of one (`solo_layout`: no gradient crosses replicas), in the same processes on the
 same GPUs, right after the timed steps: `solo_step_ms`, and `dp_efficiency` = solo / step,
-the data-parallel efficiency without a separate 1-GPU run to divide by.
+the data-parallel efficiency without a separate 1-GPU run to divide by. Over all ranks,
+`data_parallel_efficiency` compares the replicas' throughput stepping together with their
+throughput each stepping alone.
 
 It reports per rank: ms per step, achieved TFLOP/s (2 m n k per GEMM of the forward pass,
 3x that for a step, divided over the ranks of a model group), the same against the rate of
@@ -152,6 +154,7 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
     rate = 3 * forward_flops(cfg, b_loc, rollout) / grid.model_size / t_step / 1e12
     return {
         "rank": grid.world.rank, "grid": f"{grid.pd}x{grid.pc}", "replicas": grid.n_dp,
+        "replica": grid.replica,
         "device": "gpu" if xp is not np else "cpu",
         "forward_ms": 1e3 * t_fwd, "backward_ms": 1e3 * (t_grad - t_fwd), "step_ms": 1e3 * t_step,
         "seconds_per_step": t_step, "comm_seconds_per_step": comm,
@@ -163,3 +166,16 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
         "param_bytes": held, "param_fraction": held / (cfg.n_params() * np.dtype(dtype).itemsize),
         "bytes_sent_per_step": sent,
     }
+
+
+def data_parallel_efficiency(rows) -> float | None:
+    """From every rank's row: n_dp / step (the replicas stepping together, as fast as the
+    slowest rank) over the sum over replicas of 1 / solo step (each replica alone, as fast as
+    its slowest rank). 1 is perfect scaling; GPUs of unequal speed count as they are. None
+    with one replica."""
+    if rows[0]["solo_step_ms"] is None:
+        return None
+    solo = {}
+    for r in rows:
+        solo[r["replica"]] = max(solo.get(r["replica"], 0.0), r["solo_step_ms"])
+    return len(solo) / max(r["step_ms"] for r in rows) / sum(1 / s for s in solo.values())
