@@ -108,3 +108,18 @@ def test_four_way_with_ranks_sharing_gpus_equals_one_gpu(tmp_path):
     _, one = _losses(tmp_path, "one", *EXACT)
     _, four = _losses(tmp_path, "four", *EXACT, "--jigsaw", "4", n=4)
     assert max_relative_difference(one / "last.h5", four / "last.h5") < 1e-10
+
+
+@pytest.mark.parametrize("n,grid", [(1, "1x1"), (2, "2x1"), (2, "1x2"), (2, "1x1")],
+                         ids=["1-gpu", "2x1", "1x2", "two-replicas"])
+def test_steps_after_warmup_take_no_device_memory(n, grid):
+    """Buffers are taken once: after three warm-up steps, two more training steps make no
+    device allocation on any rank (CuPy's pool hands back the blocks of the steps before:
+    activations, gradients, and the NCCL send, receive and padding buffers)."""
+    if n > module("cupy").cuda.runtime.getDeviceCount():
+        pytest.skip(f"needs {n} GPUs")
+    from tests.test_mpi import run_under_mpi
+    proc = run_under_mpi(n, ["tests/gpu_step_allocations.py", grid], limit=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == n and all(r["allocations"] == 0 for r in rows), rows

@@ -141,8 +141,9 @@ def xwt_backward(dy, cache, need_dx: bool = True, on_dw=None):
             blocks[p] = gathered.block(p)[..., :sizes[p]]
             contract_leading(blocks[p], x, out=dwg[o[p]:o[p + 1]])
     dw = ops.start_gather_adjoint(dwg, rows, 0, w_rows, tag="xwt.scatter_dw")  # [N_r, K_c]
-    if on_dw is not None and rows.size == 1:
-        on_dw, _ = None, on_dw(dw.get())
+    early = on_dw is not None and rows.size == 1  # no reduce-scatter over rows: dW is done
+    if early:
+        on_dw(dw.get())
     dx = None
     if need_dx:
         wg = panel.get()  # [N, K_c]
@@ -155,7 +156,7 @@ def xwt_backward(dy, cache, need_dx: bool = True, on_dw=None):
                 dx = term
             else:
                 _storage(dx)[...] += _storage(term)
-    if on_dw is not None:
+    if on_dw is not None and not early:
         on_dw(dw.get())
     return dx, dw.get()
 

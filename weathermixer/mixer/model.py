@@ -121,7 +121,7 @@ def mixer_block_forward(z, params, n, layout):
 
 def mixer_block_backward(dz, cache, grads, ready=None):
     """The input gradient of block n; `ready(grads, prefix)` (when given) is told as each
-    branch's parameter gradients are complete (see `backward`)."""
+    layer's parameter gradients are complete (see `backward`)."""
     n, c_tn, c_t1, c_g1, c_t2, c_cn, c_c1, c_g2, c_c2 = cache
     b = f"blocks/{n}/"
     ready = ready or _nothing_ready

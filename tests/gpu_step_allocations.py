@@ -1,0 +1,63 @@
+"""Device memory taken by training steps after warm-up, on every rank (GPU machine only).
+
+    mpiexec -n N python -m mpi4py tests/gpu_step_allocations.py DxC
+
+Runs three warm-up steps of a small model (loss, gradients, AdamW, the read-back of the
+step's numbers) on the DxC grid (with N / (D C) replicas), then two more with a CuPy memory
+hook that counts every allocation the pool asks of the device (cudaMalloc): the parameters,
+the moments, the activations and every communication buffer must come from blocks the pool
+already holds. Rank 0 prints one JSON line: the allocations and bytes seen on each rank.
+Called by tests/test_gpu.py.
+"""
+import json
+import sys
+
+import numpy as np
+
+import weathermixer as wm
+from weathermixer.cli.train import make_layout
+from weathermixer.mixer.api import loss_array_and_grads
+from weathermixer.mixer.optim import AdamW, read_back
+from weathermixer.mixer.params import init_params
+
+CFG = wm.Config(n_lat=12, n_lon=16, n_prognostic=5, n_static=2, patch_lat=2, patch_lon=4,
+                embed_dim=20, token_hidden_dim=14, channel_hidden_dim=18, n_blocks=2)
+
+
+def main(grid_text: str):
+    from mpi4py import MPI
+    pd, pc = (int(v) for v in grid_text.split("x"))
+    layout, cp = make_layout(CFG, pd, pc, MPI.COMM_WORLD.Get_size(), "gpu", "tf32")
+    grid = layout.grid
+    params = init_params(CFG, seed=0, dtype="float32", layout=layout, xp=cp)
+    rng = np.random.default_rng(grid.world.rank)
+    h, nc, nv = layout.n_lat_local, len(layout.input_channels), len(layout.prognostic_channels)
+    x = cp.asarray(rng.standard_normal((2, nc, h, CFG.n_lon), dtype=np.float32))
+    t = cp.asarray(rng.standard_normal((2, nv, h, CFG.n_lon), dtype=np.float32))
+    opt = AdamW(lr=1e-3, clip_norm=1.0)
+
+    def step():
+        loss, grads = loss_array_and_grads(params, x, t, CFG, layout=layout)
+        read_back({"loss": loss, **opt.step(params, grads, layout)})
+
+    for _ in range(3):
+        step()
+    seen = []
+
+    class DeviceAllocations(cp.cuda.MemoryHook):
+        name = "device_allocations"
+
+        def alloc_postprocess(self, **kwargs):
+            seen.append(int(kwargs["mem_size"]))
+
+    with DeviceAllocations():
+        for _ in range(2):
+            step()
+    rows = grid.world.gather_json({"rank": grid.world.rank, "allocations": len(seen),
+                                   "bytes": sum(seen)})
+    if grid.is_root:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
