@@ -258,3 +258,19 @@ def test_directional_check_and_central_difference_on_a_known_function():
     assert gc.directional_check(f, x, grad * 1.001, rng) > 1e-4
     # an exactly zero gradient passes through the floor instead of dividing 0 by 0
     assert gc.directional_check(lambda a: 1.0, x, np.zeros_like(x), rng) == 0.0
+
+
+def test_matmul_accumulate_adds_the_product_into_out():
+    """`linear.matmul(a, b, out, accumulate=True)` is out += a @ b for C-contiguous outputs,
+    transposed views (the token-mixing layout) and a leading batch; the rest of the array
+    that `out` views is untouched."""
+    from weathermixer.autograd.linear import matmul
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((2, 7, 5)), rng.standard_normal((5, 3))
+    for transposed in (False, True):
+        base = rng.standard_normal((2, 3, 7) if transposed else (2, 7, 3))
+        out = base.copy()
+        view = out.swapaxes(-1, -2) if transposed else out  # [2, 7, 3]
+        want = (base.swapaxes(-1, -2) if transposed else base) + a @ b
+        assert matmul(a, b, out=view, accumulate=True) is view
+        assert np.abs(view - want).max() < 1e-12

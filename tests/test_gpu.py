@@ -123,3 +123,33 @@ def test_steps_after_warmup_take_no_device_memory(n, grid):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(rows) == n and all(r["allocations"] == 0 for r in rows), rows
+
+
+def test_accumulating_matmul_on_cupy_equals_numpy():
+    """The beta = 1 GEMMs of `linear.matmul(..., accumulate=True)` (cupy.cublas.gemm) for the
+    layouts the backward gives them: out C-contiguous or a transposed view, the right operand
+    C- or F-contiguous; float64 exactly, float32 in TF32 within TF32's rounding."""
+    from weathermixer.autograd.linear import matmul
+    from weathermixer.autograd.xp import set_matmul_precision
+    cp = module("cupy")
+    rng = np.random.default_rng(6)
+    set_matmul_precision(cp, "tf32")
+    try:
+        _check_accumulating_matmul(cp, rng, matmul)
+    finally:
+        set_matmul_precision(cp, "fp32")  # CuPy's default, for the tests after this one
+
+
+def _check_accumulating_matmul(cp, rng, matmul):
+    for dtype, tol in (("float64", 1e-12), ("float32", 1e-2)):
+        a, b = rng.standard_normal((1, 33, 17)), rng.standard_normal((17, 29))
+        for transposed in (False, True):
+            for b_order in ("C", "F"):
+                base = rng.standard_normal((1, 29, 33) if transposed else (1, 33, 29))
+                out = cp.asarray(base.astype(dtype))
+                view = out.swapaxes(-1, -2) if transposed else out
+                matmul(cp.asarray(a.astype(dtype)), cp.asarray(b.astype(dtype), order=b_order),
+                       out=view, accumulate=True)
+                want = (base.swapaxes(-1, -2) if transposed else base) + a @ b
+                err = np.abs(cp.asnumpy(view) - want).max() / np.abs(want).max()
+                assert err < tol, (dtype, transposed, b_order, err)

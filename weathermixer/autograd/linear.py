@@ -28,14 +28,18 @@ def add_bias(y, b):
         y += b
 
 
-def matmul(a, b, out=None):
+def matmul(a, b, out=None, accumulate: bool = False):
     """a [..., m, k] @ b [k, n] -> [..., m, n] as 2-D GEMMs (into `out` if given: C-contiguous,
-    or a transposed view, filled as out^T = b^T a^T without a copy).
+    or a transposed view, filled as out^T = b^T a^T without a copy). With `accumulate`,
+    out += a @ b: on GPUs the GEMM adds into `out` itself (beta = 1), with no temporary and no
+    separate pass over `out`.
 
     2-D products take transposed views without a copy (BLAS transpose flags), and CuPy runs
     them in the precision set by `set_matmul_precision` (its batched path ignores TF32). A
     C-contiguous batch is one tall GEMM; any other batch is a loop of 2-D GEMMs."""
     xp = get_array_module(a)
+    if accumulate:
+        return _add_product(a, b, out)
     lead, (m, k) = a.shape[:-2], a.shape[-2:]
     if out is None:
         out = xp.empty(lead + (m, b.shape[-1]), dtype=xp.result_type(a, b))  # [..., m, n]
@@ -49,6 +53,18 @@ def matmul(a, b, out=None):
     else:
         for i in np.ndindex(*lead):
             xp.matmul(a[i], b, out=out[i])
+    return out
+
+
+def _add_product(a, b, out):
+    """out [..., m, n] += a [..., m, k] @ b [k, n]; on GPUs one cuBLAS GEMM per 2-D product
+    with beta = 1 (`out` C- or F-contiguous per product: a transposed view is F-contiguous)."""
+    if not is_device_array(a):
+        out += a @ b
+        return out
+    from cupy import cublas
+    for i in np.ndindex(*a.shape[:-2]):
+        cublas.gemm("N", "N", a[i], b, out=out[i], beta=1.0)
     return out
 
 

@@ -93,14 +93,20 @@ def synchronize(xp) -> None:
 
 def set_matmul_precision(xp, precision: str) -> None:
     """"tf32": float32 GEMMs on the tensor cores in TF32 (CuPy, Ampere or newer); "fp32": full
-    float32. Call before the first matmul. numpy has no TF32: only "fp32" means anything there."""
+    float32. Both of CuPy's GEMM paths follow it: its matmul and `cupy.cublas.gemm` (the
+    accumulating products of `linear.matmul`). Call after choosing the device, before the first
+    matmul. numpy has no TF32: only "fp32" means anything there."""
     if precision not in ("tf32", "fp32"):
         raise ValueError(f"precision {precision!r}: choose tf32 or fp32")
     if xp is np:
         return
     from cupy._core import _routines_linalg as linalg
+    from cupy_backends.cuda.libs import cublas
     mode = linalg.COMPUTE_TYPE_TF32 if precision == "tf32" else linalg.COMPUTE_TYPE_DEFAULT
-    linalg.set_compute_type(np.float32, mode)
+    linalg.set_compute_type(np.float32, mode)  # CuPy's matmul (cublasGemmEx)
+    math = (getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3) if precision == "tf32" else
+            getattr(cublas, "CUBLAS_DEFAULT_MATH", 0))
+    cublas.setMathMode(xp.cuda.device.get_cublas_handle(), math)  # cupy.cublas.gemm (sgemm)
 
 
 _KERNELS: dict = {}

@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from weathermixer.autograd.linear import (contract_leading, input_gradient_operands,
-                                          is_transposed, matmul)
+from weathermixer.autograd.linear import contract_leading, input_gradient_operands, matmul
 from weathermixer.autograd.xp import get_array_module
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.shard import Partition, offsets
@@ -147,23 +146,17 @@ def xwt_backward(dy, cache, need_dx: bool = True, on_dw=None):
     dx = None
     if need_dx:
         wg = panel.get()  # [N, K_c]
-        for p in gathered.order:
-            # [.., R_r, K_c], laid out as X is (empty_like keeps the layout: token-major in
-            # token mixing)
-            term = matmul(*input_gradient_operands(blocks[p], wg[o[p]:o[p + 1]]),
-                          out=xp.empty_like(x))
+        for p in gathered.order:  # dX = sum over p of dY[N_p] W[N_p]
+            a, b = input_gradient_operands(blocks[p], wg[o[p]:o[p + 1]])
             if dx is None:
-                dx = term
+                # [.., R_r, K_c], laid out as X is (empty_like keeps the layout: token-major
+                # in token mixing)
+                dx = matmul(a, b, out=xp.empty_like(x))
             else:
-                _storage(dx)[...] += _storage(term)
+                matmul(a, b, out=dx, accumulate=True)
     if on_dw is not None and not early:
         on_dw(dw.get())
     return dx, dw.get()
-
-
-def _storage(a):
-    """The C-contiguous array that `a` is or views (elementwise work runs on it unit-stride)."""
-    return a.swapaxes(-1, -2) if is_transposed(a) else a
 
 
 def _pad_last(a, m: int):
