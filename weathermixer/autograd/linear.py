@@ -94,8 +94,8 @@ def contract_leading(a, b, out=None):
         return _tall_product(a, b, out)
     if a.flags.c_contiguous and b.flags.c_contiguous:  # the batch is one tall GEMM
         return _tall_product(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), out)
-    for n, i in enumerate(np.ndindex(*a.shape[:-2])):
-        if n == 0:
+    for count, i in enumerate(np.ndindex(*a.shape[:-2])):
+        if count == 0:
             out = _tall_product(a[i], b[i], out)  # [n, k]
         else:
             out += _tall_product(a[i], b[i])
@@ -103,6 +103,7 @@ def contract_leading(a, b, out=None):
 
 
 def _into(out, value):
+    """`value`, written into `out` when one is given."""
     if out is None:
         return value
     out[...] = value
