@@ -45,8 +45,8 @@ if [ "$mode" = quick ]; then
 fi
 run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_benchmark.py --model c1 --steps 5 --json "$OUT/c1_1gpu.json"
 if [ "$ngpu" -ge 2 ]; then
-  run env CUDA_VISIBLE_DEVICES=0 weathermixer bench $C1 --batch 1 --steps 5 --json "$OUT/bench_1gpu.json"
-  run $MPI -n 2 weathermixer bench $C1 --jigsaw 2 --batch 1 --steps 5 --json "$OUT/bench_2way.json"
-  run $MPI -n 2 weathermixer bench $C1 --grid 2x1 --batch 1 --steps 5 --json "$OUT/bench_2x1.json"
-  run $MPI -n 2 weathermixer bench $C1 --jigsaw 1 --batch 2 --steps 5 --json "$OUT/bench_dp2.json"
+  run env CUDA_VISIBLE_DEVICES=0 weathermixer bench $C1 --batch 1 --steps 7 --json "$OUT/bench_1gpu.json"
+  run $MPI -n 2 weathermixer bench $C1 --jigsaw 2 --batch 1 --steps 7 --json "$OUT/bench_2way.json"
+  run $MPI -n 2 weathermixer bench $C1 --grid 2x1 --batch 1 --steps 7 --json "$OUT/bench_2x1.json"
+  run $MPI -n 2 weathermixer bench $C1 --jigsaw 1 --batch 2 --steps 7 --json "$OUT/bench_dp2.json"
 fi
