@@ -568,8 +568,8 @@ class PairwiseExchange(PartsExchange):
     """`PartsExchange` over NCCL. In round s = 1 .. size-1 this rank sends its partial for
     member rank+s and receives member rank-s's partial for its own block (a send and a recv,
     grouped, on the group's side stream) as soon as the block is computed, while the caller
-    computes the next one; the own block comes last, in two pieces (`own_pieces`), and the
-    received partials are added to it. The same bytes as one reduce-scatter, hidden behind
+    computes the next one; the own block comes last (in two pieces where the caller asks for
+    `own_pieces`), and the received partials are added to it. The same bytes as one reduce-scatter, hidden behind
     the GEMMs of the later blocks."""
     split_own = True
 
