@@ -71,7 +71,7 @@ def main():
     opt = AdamW(lr=1e-5, clip_norm=1.0)
 
     def step():
-        _, grads = loss_array_and_grads(params, x, t, cfg, layout=layout)
+        _, grads = loss_array_and_grads(params, x, t, cfg, layout=layout, cut_over_data=True)
         opt.step(params, grads, layout)
 
     for _ in range(2):

@@ -37,7 +37,7 @@ def main(grid_text: str):
     opt = AdamW(lr=1e-3, clip_norm=1.0)
 
     def step():
-        loss, grads = loss_array_and_grads(params, x, t, CFG, layout=layout)
+        loss, grads = loss_array_and_grads(params, x, t, CFG, layout=layout, cut_over_data=True)
         read_back({"loss": loss, **opt.step(params, grads, layout)})
 
     for _ in range(3):

@@ -2,6 +2,8 @@
 the 1-way parameter bytes per rank; with replicas it times each replica alone too."""
 import json
 
+import pytest
+
 from tests.test_mpi import run_under_mpi
 
 SMALL = ["--n-lat", "8", "--n-lon", "16", "--n-prognostic", "5", "--n-static", "1",
@@ -27,7 +29,9 @@ def test_four_way_bench_reports_every_rank(tmp_path):
 
 def test_two_replicas_bench_times_each_replica_alone(tmp_path):
     """Each rank reports the step of its replica alone and the ratio of the two; the bytes per
-    step stay those of the data-parallel step: one gradient sum of every parameter."""
+    step stay those of the data-parallel step: the gradient sums are a reduce-scatter (half
+    of every parameter's bytes), and each replica sends its updated part of the parameters
+    to the other (the two parts together: every parameter once)."""
     out = tmp_path / "bench.json"
     proc = run_under_mpi(2, ["-m", "weathermixer", "bench", "--jigsaw", "1", "--batch", "2",
                              "--json", str(out)] + SMALL, limit=180)
@@ -38,7 +42,9 @@ def test_two_replicas_bench_times_each_replica_alone(tmp_path):
     for r in rows:
         assert r["replicas"] == 2 and r["solo_step_ms"] > 0
         assert abs(r["dp_efficiency"] - r["solo_step_ms"] / r["step_ms"]) < 1e-12
-        assert r["bytes_sent_per_step"]["sync.data"] == r["param_bytes"]
+        assert r["bytes_sent_per_step"]["sync.data"] == pytest.approx(r["param_bytes"] / 2,
+                                                                      rel=1e-3)
+    assert sum(r["bytes_sent_per_step"]["optimizer.gather"] for r in rows) == rows[0]["param_bytes"]
     together = 2 / max(r["step_ms"] for r in rows)  # steps per ms of both replicas
     alone = sum(1 / r["solo_step_ms"] for r in rows)  # one rank per replica here
     assert abs(result["dp_efficiency"] - together / alone) < 1e-12

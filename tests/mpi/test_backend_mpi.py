@@ -24,7 +24,9 @@ def inputs(r: int) -> dict:
             "block": rng.normal(size=(3, SIZES[r], 2)),
             "full": rng.normal(size=(2, 3, sum(SIZES))),
             "parts": rng.normal(size=(N, 2, 3)),
-            "ragged": rng.normal(size=(r + 1, 2))}
+            "ragged": rng.normal(size=(r + 1, 2)),
+            "flat": rng.normal(size=sum(SIZES)),  # only part r is rank r's to give
+            "flat_even": rng.normal(size=2 * N)}
 
 
 def expected() -> dict:
@@ -40,6 +42,10 @@ def expected() -> dict:
             "start_reduce_scatter": sum(a["full"] for a in every)[..., own],
             "parts_exchange": sum(a["parts"][RANK] for a in every),
             "parts_gather": np.stack([a["x"] for a in every]),
+            "allgather_in_place": np.concatenate(
+                [a["flat"][sum(SIZES[:r]):sum(SIZES[:r + 1])] for r, a in enumerate(every)]),
+            "allgather_in_place_even": np.concatenate(
+                [a["flat_even"][2 * r:2 * r + 2] for r, a in enumerate(every)]),
             "bcast": every[ROOT]["x"],
             "gather": [a["ragged"] for a in every] if RANK == 0 else None}
 
@@ -58,6 +64,9 @@ def collectives(group: MPIGroup) -> dict:
                                                                        SIZES).get(),
             "parts_exchange": lambda: exchange_parts(group, mine["parts"]),
             "parts_gather": lambda: gather_parts(group, mine["x"]),
+            "allgather_in_place": lambda: gather_in_place(group, mine["flat"], SIZES),
+            "allgather_in_place_even": lambda: gather_in_place(group, mine["flat_even"],
+                                                               [2] * N),
             "bcast": lambda: group.bcast(mine["x"].copy(), root=ROOT),
             "gather": lambda: group.gather(mine["ragged"], root=0)}
 
@@ -78,6 +87,14 @@ def gather_parts(group, x):
     g = group.parts_gather(x)
     assert g.order[0] == RANK and sorted(g.order) == list(range(N)), g.order
     return np.stack([g.block(p) for p in range(N)])
+
+
+def gather_in_place(group, flat, sizes):
+    """`allgather_in_place` on a copy of `flat`, overlapped where the group can."""
+    flat = flat.copy()
+    group.allgather_in_place(flat, sizes, overlap=True)
+    group.wait()
+    return flat
 
 
 def error(out, want) -> float:

@@ -18,7 +18,7 @@ import pytest
 from mpi4py import MPI
 
 from tests.mpi.harness import WORLD, assert_all
-from tests.mpi.test_backend_mpi import N, RANK, SIZES, error, expected, inputs
+from tests.mpi.test_backend_mpi import N, RANK, SIZES, error, expected, gather_in_place, inputs
 from weathermixer.jigsaw import backend
 from weathermixer.jigsaw.backend import MPIGroup, NCCLGroup
 
@@ -44,6 +44,15 @@ def _at(ptr: int, count: int, dtype):
 class _Stream:
     ptr = 0
 
+    def __init__(self, ptr=0):
+        self.ptr = ptr
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
     def record(self):
         return object()
 
@@ -59,7 +68,8 @@ def _fake_cupy():
     mod = types.ModuleType("cupy")
     stream = _Stream()
     mod.cuda = types.SimpleNamespace(get_current_stream=lambda: stream,
-                                     Stream=lambda **kw: _Stream())
+                                     Stream=lambda **kw: _Stream(),
+                                     ExternalStream=_Stream)
     mod.empty = lambda shape, dtype: _dev(np.empty(shape, dtype))
     mod.zeros = lambda shape, dtype: _dev(np.zeros(shape, dtype))
     mod.empty_like = lambda a: _dev(np.empty_like(a))
@@ -81,7 +91,9 @@ class FakeNccl:
         self.comm, self.n, self.grouped = comm, comm.Get_size(), None
 
     def allGather(self, send, recv, count, dtype, stream):
-        self.comm.Allgather(_at(send, count, dtype), _at(recv, count * self.n, dtype))
+        in_place = send == recv + self.comm.Get_rank() * count * np.dtype(dtype).itemsize
+        self.comm.Allgather(MPI.IN_PLACE if in_place else _at(send, count, dtype),
+                            _at(recv, count * self.n, dtype))
 
     def reduceScatter(self, send, recv, count, dtype, op, stream):
         self.comm.Reduce_scatter_block(_at(send, count * self.n, dtype), _at(recv, count, dtype),
@@ -168,6 +180,8 @@ def device_collectives(g) -> dict:
             "start_allgather": lambda: g.start_allgather(mine["block"], 1, SIZES).get(),
             "start_reduce_scatter": lambda: g.start_reduce_scatter(mine["full"], -1,
                                                                    SIZES).get(),
+            "allgather_in_place": lambda: gather_in_place(g, mine["flat"], SIZES),
+            "allgather_in_place_even": lambda: gather_in_place(g, mine["flat_even"], [2] * N),
             "parts_exchange": exchange,
             "parts_exchange_padded": lambda: exchange(width=2),
             "parts_gather": gather}

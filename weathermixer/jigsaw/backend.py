@@ -155,6 +155,9 @@ class LocalGroup:
     def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         return parts[0]
 
+    def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False):
+        """The one part is the whole array already."""
+
     def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
         return x[None]
 
@@ -307,6 +310,19 @@ class MPIGroup:
     def start_reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter"):
         """`reduce_scatter` begun now, its result taken by `.get()` (`InFlight`)."""
         return InFlight(MPIGroup.reduce_scatter(self, x, axis, sizes, tag))
+
+    def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False):
+        """flat [sum(sizes)], contiguous, holds this rank's part at its offset; every part is
+        written in place from its member. `overlap` is a hint that only `NCCLGroup` acts on."""
+        if self.size == 1:
+            return
+        t0 = time.perf_counter()
+        buf = self._wire(flat)  # flat itself, or its host copy
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [buf, list(sizes)])
+        if buf is not flat:
+            flat[...] = to_module(buf, get_array_module(flat))
+        COMM_LOG.record(tag, sizes[self.rank] * flat.itemsize * (self.size - 1),
+                        time.perf_counter() - t0)
 
     def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         """parts [size, ...]: one equal-shaped block per member; returns the sum over members
@@ -532,6 +548,30 @@ class NCCLGroup(MPIGroup):
                                  self._nccl.NCCL_SUM, stream), overlap)
         return InFlight(recv, event, keep=(parts,),
                         finish=lambda mine: xp.moveaxis(mine[:sizes[self.rank]], 0, axis))
+
+    def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False):
+        """With `overlap`, on the side stream: complete after `wait()`. Equal parts gather in
+        place (NCCL's in-place allgather: the send buffer is this rank's part of `flat`);
+        unequal ones through a padded buffer, copied back on the same stream."""
+        if self.size == 1 or not is_device_array(flat):
+            return super().allgather_in_place(flat, sizes, tag, overlap)
+        import cupy
+        m, o = max(sizes), offsets(sizes)
+        if all(s == m for s in sizes):
+            send, recv, keep = flat[o[self.rank]:o[self.rank + 1]], flat, (flat,)
+        else:
+            send = _pad_first(flat[o[self.rank]:o[self.rank + 1]], m)  # [m]
+            recv = cupy.empty((self.size, m), dtype=flat.dtype)  # [parts, m]
+            keep = (flat, send, recv)
+
+        def collective(stream):
+            self.nccl.allGather(send.data.ptr, recv.data.ptr, m, self._dtype(flat), stream)
+            if recv is not flat:
+                with cupy.cuda.ExternalStream(stream):
+                    for p, s in enumerate(sizes):
+                        flat[o[p]:o[p + 1]] = recv[p, :s]
+
+        self._launch(tag, m * flat.itemsize * (self.size - 1), collective, overlap, keep=keep)
 
     def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
         """With `overlap`, on the side stream: complete after `wait()`."""

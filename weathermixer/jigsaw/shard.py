@@ -121,6 +121,11 @@ class ShardSpec:
         return tuple(slice(None) if s is None else s.partition.index(coords[s.group])
                      for s in self.splits)
 
+    def block_shape(self, coords: dict) -> tuple:
+        """The shape of the block held at `coords`."""
+        return tuple(n if s is None else s.partition.size(coords[s.group])
+                     for n, s in zip(self.shape, self.splits))
+
 
 def take(global_array, index: tuple):
     """The block `global_array[index]`, for an index of slices and index arrays (one axis at a

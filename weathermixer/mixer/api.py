@@ -52,10 +52,13 @@ def loss_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
 
 
 def loss_array_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
-                         lat_weights=None, var_weights=None, layout: Layout | None = None):
+                         lat_weights=None, var_weights=None, layout: Layout | None = None,
+                         cut_over_data: bool = False):
     """`loss_and_grads` with the loss left as a [1] array of the parameters' module: nothing
     waits for the device, so a training step reads the loss back with its other statistics
-    once the whole step is queued."""
+    once the whole step is queued. With `cut_over_data`, each gradient comes back as only
+    this replica's part of the flattened block (`Layout.data_part`), as `mixer.optim.AdamW`
+    updates it: the data-parallel sum is then a reduce-scatter instead of an allreduce."""
     layout, xp, x = _prepare(params, x, cfg, layout)
     target = to_module(target, xp).astype(x.dtype, copy=False)
     nv = len(layout.prognostic_channels)
@@ -70,7 +73,7 @@ def loss_array_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
     part, c_loss = weighted_sse_forward(y, target, lat_w, var_w, normaliser)
     dy = weighted_sse_backward(1.0, c_loss)
     del y, c_loss  # not needed by the backward, which releases each layer's cache as it goes
-    sync = model.GradientSync(layout)  # data-parallel sums overlap the backward
+    sync = model.GradientSync(layout, cut_over_data)  # data-parallel sums overlap the backward
     grads, _ = model.backward(dy, cache, need_dx=False, release=True, on_ready=sync.ready)
     sync.finish(grads)
     loss = ops.allreduce_sum(ops.allreduce_sum(xp.reshape(part, (1,)), grid.model, tag="loss"),

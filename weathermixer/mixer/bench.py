@@ -5,7 +5,8 @@
 
     forward   predict
     backward  loss_and_grads minus forward
-    step      loss_and_grads + AdamW (the training step; nothing in it waits for the device)
+    step      loss_and_grads + AdamW (the training step; nothing in it waits for the device;
+              with replicas each updates its part of the parameters and gathers the rest)
 
 With replicas (n_dp > 1) it also times the same step of each replica alone, its `data` group
 made a group of one (`solo_layout`: no gradient crosses replicas), in the same processes on the
@@ -115,17 +116,18 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
     h, nc, nv = layout.n_lat_local, len(layout.input_channels), len(layout.prognostic_channels)
     x = xp.asarray(rng.standard_normal((b_loc, nc, h, cfg.n_lon)).astype(dtype))
     target = xp.asarray(rng.standard_normal((b_loc, nv, h, cfg.n_lon)).astype(dtype))
-    opt = AdamW(lr=1e-5, clip_norm=1.0)
+    opt, solo_opt = AdamW(lr=1e-5, clip_norm=1.0), AdamW(lr=1e-5, clip_norm=1.0)
 
     def forward():
         predict(params, x, cfg, rollout=rollout, layout=layout)
 
     def gradients(lay=layout):
-        return loss_array_and_grads(params, x, target, cfg, rollout=rollout, layout=lay)
+        return loss_array_and_grads(params, x, target, cfg, rollout=rollout, layout=lay,
+                                    cut_over_data=True)
 
-    def step(lay=layout):
+    def step(lay=layout, optimizer=opt):  # moments cut over the replicas of `lay`
         _, grads = gradients(lay)
-        opt.step(params, grads, lay)
+        optimizer.step(params, grads, lay)
 
     for _ in range(warmup):
         step()
@@ -137,9 +139,10 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
     t_solo = None
     if grid.n_dp > 1:
         solo = solo_layout(layout)
-        step(solo)
+        step(solo, solo_opt)
         grid.world.barrier()
-        t_solo = float(np.median([seconds(xp, lambda: step(solo)) for _ in range(steps)]))
+        t_solo = float(np.median([seconds(xp, lambda: step(solo, solo_opt))
+                                  for _ in range(steps)]))
     COMM_LOG.reset()  # then the same steps again, each collective timed on its own
     COMM_LOG.synchronize = True
     t_timed = sum(seconds(xp, step) for _ in range(steps))

@@ -166,6 +166,17 @@ class Layout:
     def n_lat_local(self) -> int:
         return self.rows.size(self.coords["domain"])
 
+    def data_parts(self, name: str) -> Partition:
+        """The cut of this rank's block of parameter `name`, flattened (row-major), into one
+        contiguous part per replica (member of `data`): the part that replica's optimizer
+        updates (`mixer.optim`), then gathers to the others."""
+        shape = self.specs[name].block_shape(self.coords)
+        return Partition.even(int(np.prod(shape, dtype=np.int64)), self.grid.data.size)
+
+    def data_part(self, name: str) -> slice:
+        """This replica's part of `data_parts(name)`."""
+        return self.data_parts(name).index(self.grid.data.rank)
+
     def shard(self, name: str, global_array):
         """This rank's block of a global parameter (or of its gradient / optimizer state)."""
         return take(global_array, self.specs[name].index(self.coords))

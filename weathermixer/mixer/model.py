@@ -218,13 +218,18 @@ class GradientSync:
     replicates it (`ShardSpec.replicated_over`), then over `data`. The loss of each replica
     is already divided by the *global* batch, so the data sum is the mean over replicas.
 
+    With `cut_over_data` the data sum is a reduce-scatter: each replica keeps only its part of
+    the flattened block (`Layout.data_part`), the part its optimizer updates (`mixer.optim`),
+    and sends half the bytes of an allreduce. Without, every replica gets the whole sum.
+
     `ready(grads, prefix)` starts the sums of the parameters under `prefix` as soon as the
     backward has finished them; on GPUs the data sums then run on a side stream (NCCL) while
     the backward of the earlier layers goes on. `finish(grads)` starts what is left and waits.
     """
 
-    def __init__(self, layout):
+    def __init__(self, layout, cut_over_data: bool = False):
         self.layout, self.pending = layout, list(layout.specs)
+        self.cut_over_data = cut_over_data
 
     def ready(self, grads: dict, prefix: str = ""):
         grid = self.layout.grid
@@ -232,11 +237,18 @@ class GradientSync:
             g, spec = grads[name], self.layout.specs[name]
             if spec.replicated_over is not None:
                 g = ops.allreduce_sum(g, grid.group(spec.replicated_over), tag="sync.replicated")
-            grads[name] = ops.allreduce_sum(g, grid.data, tag="sync.data", overlap=True)
+            if self.cut_over_data:  # a reduce-scatter (the adjoint of a gather), in flight
+                grads[name] = ops.start_gather_adjoint(g.reshape(-1), grid.data, 0,
+                                                       self.layout.data_parts(name),
+                                                       tag="sync.data")
+            else:
+                grads[name] = ops.allreduce_sum(g, grid.data, tag="sync.data", overlap=True)
             self.pending.remove(name)
 
     def finish(self, grads: dict) -> dict:
         self.ready(grads)
+        if self.cut_over_data:
+            for name in grads:
+                grads[name] = grads[name].get()
         self.layout.grid.data.wait()
         return grads
-

@@ -1,7 +1,12 @@
 """AdamW on sharded parameters, with clipping by the true global gradient norm.
 
-Each rank updates only its own blocks; the moments m and v are cut like their parameters.
-Holders of a replicated block (`ShardSpec.replicated_over`) receive identical gradients (after
+Each rank updates only its own blocks, and of each block only its replica's part: the block,
+flattened, is cut into one contiguous part per member of `data` (`Layout.data_parts`). The
+moments m and v are kept for that part alone; after the update every replica's part is
+gathered over `data`, so that each replica holds the whole updated block again (the
+optimizer state is sharded over replicas, as in ZeRO stage 1: 1/n_dp of the AdamW work and
+moment memory per replica). With one replica the part is the whole block. Holders of a
+replicated block (`ShardSpec.replicated_over`) receive identical gradients (after
 `GradientSync`) and so make identical updates.
 
     g    <- g * min(1, clip / ||g||)         ||g|| over every parameter counted once
@@ -18,6 +23,8 @@ is queued (`read_back`).
 """
 from __future__ import annotations
 
+import collections.abc
+
 import numpy as np
 
 from weathermixer.autograd.xp import (elementwise_kernel, get_array_module, is_device_array,
@@ -25,14 +32,32 @@ from weathermixer.autograd.xp import (elementwise_kernel, get_array_module, is_d
 from weathermixer.jigsaw import ops
 
 
-def global_grad_norm_squared(grads: dict, layout):
+def global_grad_norm_squared(parts: dict, layout):
     """[1]: the sum of squares of every parameter's gradient, each element counted once (a
-    block replicated over a group is counted only by that group's member 0), summed over
-    `model`. On GPUs it stays on the device."""
+    block replicated over a group is counted only by that group's member 0), from each
+    replica's part of each block (`data_part_of`), summed over `model` and `data`. On GPUs it
+    stays on the device."""
     grid = layout.grid
-    counted = [grads[name] for name, spec in layout.specs.items()
+    counted = [parts[name] for name, spec in layout.specs.items()
                if spec.replicated_over is None or grid.group(spec.replicated_over).rank == 0]
-    return ops.allreduce_sum(sum_of_squares(counted), grid.model, tag="grad_norm")
+    in_model = ops.allreduce_sum(sum_of_squares(counted), grid.model, tag="grad_norm")
+    return ops.allreduce_sum(in_model, grid.data, tag="grad_norm")
+
+
+def data_part_of(block, layout, name: str):
+    """This replica's part (`Layout.data_part`) of a block, flattened: a view. `block` may
+    be the whole block (any shape) or already the part (as `GradientSync` cuts it)."""
+    mine = layout.data_part(name)
+    flat = block.reshape(-1)
+    return flat if flat.size == mine.stop - mine.start else flat[mine]
+
+
+def flat_view(p):
+    """p [...] as a 1-D view, so that an update of the view is an update of p."""
+    if not p.flags.c_contiguous:
+        raise ValueError(f"parameter block of shape {p.shape} is not C-contiguous; the "
+                         "optimizer updates parameters in place through a flat view")
+    return p.reshape(-1)
 
 
 def step_scalars(norm_sq, t, clip, betas, lr):
@@ -92,7 +117,8 @@ def read_back(values: dict) -> dict:
 
 
 class AdamW:
-    """AdamW with optional global-norm clipping; `state()` / `load_state()` for checkpoints."""
+    """AdamW with optional global-norm clipping; `state()` / `load_state()` for checkpoints.
+    `m` and `v` hold this replica's part of each block (`Layout.data_part`), flat."""
 
     def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, clip_norm: float | None = None):
@@ -108,30 +134,71 @@ class AdamW:
         return int(to_host(self._t)[0])
 
     def step(self, params: dict, grads: dict, layout) -> dict:
-        """Queue the update of `params` in place. Returns {"grad_norm", "clip_scale",
-        "skipped"} as [1] arrays of the parameters' module (`read_back` makes them numbers).
-        A non-finite norm skips the step on every rank alike (the norm is summed over `model`,
-        and replicas hold identical gradients)."""
-        norm_sq = global_grad_norm_squared(grads, layout)
+        """Queue the update of `params` in place. grads[name] is the gradient of this rank's
+        block summed over replicas: the whole block, or only this replica's part of it
+        (`loss_array_and_grads(..., cut_over_data=True)`, which sends half the bytes).
+        Returns {"grad_norm", "clip_scale", "skipped"} as [1] arrays of the parameters'
+        module (`read_back` makes them numbers). A non-finite norm skips the step on every
+        rank alike (the norm is summed over `model` and `data`)."""
+        grid = layout.grid
+        parts = {name: data_part_of(grads[name], layout, name) for name in params}
+        norm_sq = global_grad_norm_squared(parts, layout)
         xp = get_array_module(norm_sq)
         s, self._t = step_scalars(norm_sq, xp.asarray(self._t), self.clip_norm, self.betas,
                                   self.lr)
         b1, b2 = self.betas
         in_dtype = {}  # s in each parameter dtype, made once
         for name, p in params.items():
+            cut = layout.data_parts(name)
+            mine, flat = cut.index(grid.data.rank), flat_view(p)
             if name not in self.m:  # first step: zero moments (not re-made every step)
-                self.m[name], self.v[name] = xp.zeros_like(p), xp.zeros_like(p)
+                self.m[name] = xp.zeros(mine.stop - mine.start, dtype=p.dtype)
+                self.v[name] = xp.zeros_like(self.m[name])
+            if self.m[name].size != mine.stop - mine.start:
+                raise ValueError(f"optimizer state of {name} has {self.m[name].size} elements, "
+                                 f"but this replica's part of the block has "
+                                 f"{mine.stop - mine.start}: the state is of another layout")
             decay = 1.0 - self.lr * self.weight_decay if p.ndim == 2 else 1.0
             if p.dtype not in in_dtype:
                 in_dtype[p.dtype] = s.astype(p.dtype)
-            adamw_update(p, self.m[name], self.v[name], grads[name], in_dtype[p.dtype], b1, b2,
-                         self.eps, decay)
+            adamw_update(flat[mine], self.m[name], self.v[name], parts[name], in_dtype[p.dtype],
+                         b1, b2, self.eps, decay)
+            # every replica's updated part to every replica, beside the next part's update
+            grid.data.allgather_in_place(flat, cut.sizes, tag="optimizer.gather", overlap=True)
+        grid.data.wait()
         return {"grad_norm": xp.sqrt(norm_sq.astype(np.float64)), "clip_scale": s[0:1],
                 "skipped": 1.0 - s[3:4]}
 
-    def state(self) -> dict:
-        """{'m': {...}, 'v': {...}} (this rank's blocks) for a checkpoint."""
-        return {"m": self.m, "v": self.v}
+    def state(self, layout) -> dict:
+        """{'m': blocks, 'v': blocks}: this rank's whole blocks for a checkpoint, each gathered
+        over `data` when asked for (a collective: every replica asks for the same names in
+        the same order)."""
+        return {"m": WholeBlocks(self.m, layout), "v": WholeBlocks(self.v, layout)}
 
-    def load_state(self, states: dict, t: int):
-        self.m, self.v, self._t = dict(states["m"]), dict(states["v"]), np.array([float(t)])
+    def load_state(self, states: dict, t: int, layout):
+        """From whole blocks {'m': {...}, 'v': {...}}, keep this replica's parts."""
+        self.m, self.v = ({name: data_part_of(block, layout, name).copy()
+                           for name, block in states[s].items()} for s in ("m", "v"))
+        self._t = np.array([float(t)])
+
+
+class WholeBlocks(collections.abc.Mapping):
+    """A moment's whole blocks, from every replica's part of them: `[name]` gathers the parts
+    of one block over `data` into a new array of the block's shape."""
+
+    def __init__(self, parts: dict, layout):
+        self.parts, self.layout = parts, layout
+
+    def __getitem__(self, name: str):
+        layout, part = self.layout, self.parts[name]
+        cut = layout.data_parts(name)
+        flat = get_array_module(part).empty(cut.n, dtype=part.dtype)  # [block size]
+        flat[cut.index(layout.grid.data.rank)] = part
+        layout.grid.data.allgather_in_place(flat, cut.sizes, tag="checkpoint")
+        return flat.reshape(layout.specs[name].block_shape(layout.coords))
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def __len__(self):
+        return len(self.parts)

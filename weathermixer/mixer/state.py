@@ -14,20 +14,23 @@ from weathermixer.io import checkpoint as ckpt
 from weathermixer.jigsaw.shard import put
 
 
-def gather_global(local: dict, layout) -> dict | None:
-    """{name: global numpy array} on world rank 0, None on every other rank."""
+def gather_global(local, layout) -> dict | None:
+    """{name: global numpy array} on world rank 0, None on every other rank. Every rank
+    reads every block of `local` in the same order (a mapping whose reads are collectives
+    over `data` may be given: `optim.WholeBlocks`)."""
     grid = layout.grid
-    if grid.replica != 0:
-        return None
-    out = {} if grid.model.rank == 0 else None
+    out = {} if grid.is_root else None
     for name, spec in layout.specs.items():
-        blocks = grid.model.gather(to_host(local[name]), root=0, tag="checkpoint")
+        block = local[name]
+        if grid.replica != 0:
+            continue
+        blocks = grid.model.gather(to_host(block), root=0, tag="checkpoint")
         if out is None:
             continue
         full = np.empty(spec.shape, dtype=blocks[0].dtype)  # global shape
-        for q, block in enumerate(blocks):
+        for q, b in enumerate(blocks):
             i, j = divmod(q, grid.pc)
-            put(full, spec.index({"domain": i, "channel": j}), block)
+            put(full, spec.index({"domain": i, "channel": j}), b)
         out[name] = full
     return out
 
@@ -37,7 +40,7 @@ def save(path, params: dict, cfg, layout, optimizer=None, step: int = 0, extra=N
     glob = gather_global(params, layout)
     states = {}
     if optimizer is not None:
-        for state, arrays in optimizer.state().items():
+        for state, arrays in optimizer.state(layout).items():
             if arrays:
                 states[state] = gather_global(arrays, layout)
     if layout.grid.is_root:
@@ -66,5 +69,5 @@ def load(path, layout, dtype, xp, optimizer=None) -> tuple[dict, dict]:
         params = blocks("params")
         if optimizer is not None and meta["optimizer_states"]:
             optimizer.load_state({s: blocks(f"optimizer/{s}") for s in ("m", "v")},
-                                 meta["extra"].get("optimizer_t", meta["step"]))
+                                 meta["extra"].get("optimizer_t", meta["step"]), layout)
     return params, meta

@@ -168,7 +168,8 @@ def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | Non
         if step + 1 < s.steps:
             pending[step + 1] = reader.submit(load, step + 1)
         loss, grads = loss_array_and_grads(params, x, target, cfg, rollout=k,
-                                           lat_weights=lat_w, layout=layout)
+                                           lat_weights=lat_w, layout=layout,
+                                           cut_over_data=True)  # each replica's part
         stats = read_back({"loss": loss, **opt.step(params, grads, layout)})  # the one wait
         stats["skipped"] = bool(stats["skipped"])
         return {"step": step + 1, **stats, "rollout": k, "seconds": time.perf_counter() - t0}
