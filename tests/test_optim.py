@@ -11,7 +11,7 @@ import pytest
 import weathermixer as wm
 from weathermixer.autograd.xp import cupy_available, module, to_host
 from weathermixer.mixer.api import serial_layout
-from weathermixer.mixer.optim import AdamW, read_back
+from weathermixer.mixer.optim import AdamW, ParamsInFlight, read_back
 
 CFG = wm.Config(n_lat=4, n_lon=8, n_prognostic=2, n_static=1, patch_lat=2, patch_lon=4,
                 embed_dim=3, token_hidden_dim=5, channel_hidden_dim=7, n_blocks=1)
@@ -77,3 +77,33 @@ def test_clipping_scales_the_first_moment():
     assert stats["grad_norm"] == pytest.approx(norm)
     for k in params:
         assert np.allclose(opt.m[k], 0.1 * 0.5 / norm)
+
+
+class _Arrival:
+    """Stands in for a gather in flight (`backend.InFlight`): counts the waits for it."""
+
+    def __init__(self):
+        self.waits = 0
+
+    def get(self):
+        self.waits += 1
+
+
+def test_params_in_flight_wait_for_each_block_once_when_read():
+    """Reading a block waits for its own gather only, once; `values()` / `items()` wait for
+    every block; the optimizer reads every block it updates."""
+    params = ParamsInFlight(wm.init_params(CFG, seed=3, dtype="float64"))
+    names = list(params)
+    arrivals = {name: _Arrival() for name in names}
+    params.arriving.update(arrivals)
+    params[names[0]]
+    params[names[0]]
+    assert [arrivals[n].waits for n in names[:2]] == [1, 0]
+    params.values()
+    assert all(a.waits == 1 for a in arrivals.values()) and not params.arriving
+    params.arriving.update(arrivals)
+    grads = {k: np.ones(v.shape) for k, v in params.items()}
+    assert all(a.waits == 2 for a in arrivals.values())
+    params.arriving.update(arrivals)
+    AdamW(lr=1e-3).step(params, grads, serial_layout(CFG))
+    assert all(a.waits == 3 for a in arrivals.values())

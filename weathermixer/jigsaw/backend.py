@@ -156,7 +156,7 @@ class LocalGroup:
         return parts[0]
 
     def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False):
-        """The one part is the whole array already."""
+        """The one part is the whole array already (nothing in flight: returns None)."""
 
     def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
         return x[None]
@@ -313,7 +313,8 @@ class MPIGroup:
 
     def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False):
         """flat [sum(sizes)], contiguous, holds this rank's part at its offset; every part is
-        written in place from its member. `overlap` is a hint that only `NCCLGroup` acts on."""
+        written in place from its member. `overlap` is a hint that only `NCCLGroup` acts on
+        (it returns the event after which `flat` is whole; None: whole on return)."""
         if self.size == 1:
             return
         t0 = time.perf_counter()
@@ -571,7 +572,8 @@ class NCCLGroup(MPIGroup):
                     for p, s in enumerate(sizes):
                         flat[o[p]:o[p + 1]] = recv[p, :s]
 
-        self._launch(tag, m * flat.itemsize * (self.size - 1), collective, overlap, keep=keep)
+        return self._launch(tag, m * flat.itemsize * (self.size - 1), collective, overlap,
+                            keep=keep)
 
     def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
         """With `overlap`, on the side stream: complete after `wait()`."""

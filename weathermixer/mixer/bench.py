@@ -35,7 +35,7 @@ from weathermixer.autograd.xp import synchronize
 from weathermixer.jigsaw.backend import COMM_LOG, LocalGroup
 from weathermixer.mixer.api import loss_array_and_grads, predict
 from weathermixer.mixer.layout import Layout
-from weathermixer.mixer.optim import AdamW
+from weathermixer.mixer.optim import AdamW, ParamsInFlight
 from weathermixer.mixer.params import init_params
 
 
@@ -110,7 +110,7 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
               rollout: int = 1, seed: int = 0, gemm_size: int | None = None) -> dict:
     """This rank's measurements (see the module docstring); `batch` is the global batch."""
     grid = layout.grid
-    params = init_params(cfg, seed=seed, dtype=dtype, layout=layout, xp=xp)
+    params = ParamsInFlight(init_params(cfg, seed=seed, dtype=dtype, layout=layout, xp=xp))
     b_loc = batch // grid.n_dp
     rng = np.random.default_rng([seed, grid.world.rank])
     h, nc, nv = layout.n_lat_local, len(layout.input_channels), len(layout.prognostic_channels)

@@ -30,6 +30,7 @@ import numpy as np
 from weathermixer.autograd.xp import (elementwise_kernel, get_array_module, is_device_array,
                                       sum_of_squares, to_host)
 from weathermixer.jigsaw import ops
+from weathermixer.jigsaw.backend import InFlight
 
 
 def global_grad_norm_squared(parts: dict, layout):
@@ -134,7 +135,8 @@ class AdamW:
         return int(to_host(self._t)[0])
 
     def step(self, params: dict, grads: dict, layout) -> dict:
-        """Queue the update of `params` in place. grads[name] is the gradient of this rank's
+        """Queue the update of `params` in place (the gathers over `data` may still run when
+        `params` is a `ParamsInFlight`). grads[name] is the gradient of this rank's
         block summed over replicas: the whole block, or only this replica's part of it
         (`loss_array_and_grads(..., cut_over_data=True)`, which sends half the bytes).
         Returns {"grad_norm", "clip_scale", "skipped"} as [1] arrays of the parameters'
@@ -164,8 +166,12 @@ class AdamW:
             adamw_update(flat[mine], self.m[name], self.v[name], parts[name], in_dtype[p.dtype],
                          b1, b2, self.eps, decay)
             # every replica's updated part to every replica, beside the next part's update
-            grid.data.allgather_in_place(flat, cut.sizes, tag="optimizer.gather", overlap=True)
-        grid.data.wait()
+            event = grid.data.allgather_in_place(flat, cut.sizes, tag="optimizer.gather",
+                                                 overlap=True)
+            if event is not None and isinstance(params, ParamsInFlight):
+                params.arriving[name] = InFlight(p, event)
+        if not isinstance(params, ParamsInFlight):
+            grid.data.wait()
         return {"grad_norm": xp.sqrt(norm_sq.astype(np.float64)), "clip_scale": s[0:1],
                 "skipped": 1.0 - s[3:4]}
 
@@ -180,6 +186,29 @@ class AdamW:
         self.m, self.v = ({name: data_part_of(block, layout, name).copy()
                            for name, block in states[s].items()} for s in ("m", "v"))
         self._t = np.array([float(t)])
+
+
+class ParamsInFlight(dict):
+    """A parameter dict whose blocks may still be arriving: after `AdamW.step` with replicas
+    on GPUs, each block's gather over `data` still runs on the side stream, and reading
+    `params[name]` makes the current stream wait for that block's gather alone (the host
+    does not wait). So the next forward starts at once, each layer waiting only for its own
+    weights while the later ones arrive. `values()` and `items()` wait for every block."""
+
+    def __init__(self, params: dict):
+        super().__init__(params)
+        self.arriving: dict = {}  # name -> backend.InFlight of the block's gather
+
+    def __getitem__(self, name: str):
+        if name in self.arriving:
+            self.arriving.pop(name).get()
+        return super().__getitem__(name)
+
+    def values(self):
+        return [self[name] for name in self]
+
+    def items(self):
+        return [(name, self[name]) for name in self]
 
 
 class WholeBlocks(collections.abc.Mapping):

@@ -24,7 +24,7 @@ import numpy as np
 from weathermixer.autograd.xp import host_to_device
 from weathermixer.mixer import state
 from weathermixer.mixer.api import loss_array_and_grads
-from weathermixer.mixer.optim import AdamW, read_back
+from weathermixer.mixer.optim import AdamW, ParamsInFlight, read_back
 from weathermixer.mixer.params import init_params
 
 
@@ -139,6 +139,7 @@ def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | Non
         start = meta["step"]
     else:
         params, start = init_params(cfg, seed=s.seed, dtype=s.dtype, layout=layout, xp=xp), 0
+    params = ParamsInFlight(params)  # a step's last gathers run beside the next forward
     samples = source.samples(max_lead=s.rollout)
     sampler = Sampler(len(samples), s.batch, s.seed)
     b_loc = s.batch // grid.n_dp
