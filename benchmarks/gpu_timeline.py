@@ -26,7 +26,7 @@ import weathermixer as wm  # noqa: E402
 from weathermixer.cli.train import make_layout  # noqa: E402
 from weathermixer.mixer.api import loss_array_and_grads  # noqa: E402
 from weathermixer.mixer.bench import seconds  # noqa: E402
-from weathermixer.mixer.optim import AdamW  # noqa: E402
+from weathermixer.mixer.optim import AdamW, ParamsInFlight  # noqa: E402
 from weathermixer.mixer.params import init_params  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main():
     pd, pc = (int(v) for v in a.grid.split("x"))
     layout, xp = make_layout(cfg, pd, pc, MPI.COMM_WORLD.Get_size(), "gpu", "tf32")
     grid = layout.grid
-    params = init_params(cfg, seed=0, dtype="float32", layout=layout, xp=xp)
+    params = ParamsInFlight(init_params(cfg, seed=0, dtype="float32", layout=layout, xp=xp))
     b_loc = a.batch // grid.n_dp
     rng = np.random.default_rng(grid.world.rank)
     h, nc, nv = layout.n_lat_local, len(layout.input_channels), len(layout.prognostic_channels)
