@@ -342,10 +342,16 @@ def test_solo_layout_is_one_replica_alone():
     from weathermixer.mixer.layout import Layout
     cfg = wm.Config(n_lat=10, n_lon=12, n_prognostic=5, n_static=2, patch_lat=2, patch_lon=4,
                     embed_dim=13, token_hidden_dim=7, channel_hidden_dim=9, n_blocks=2)
-    grid = dataclasses.replace(ProcessGrid.serial(), n_dp=3, data=object())
+    import types
+    data = types.SimpleNamespace(size=3, rank=1)  # the data group of replica 1 of 3
+    grid = dataclasses.replace(ProcessGrid.serial(), n_dp=3, data=data)
     layout = Layout(cfg, grid)
     solo = solo_layout(layout)
     assert isinstance(solo.grid.data, LocalGroup) and solo.grid.n_dp == 3
     assert solo.grid.model is grid.model and solo.grid.world is grid.world
     assert solo.tokens == layout.tokens
+    cut, n = layout.data_parts("encoder/weight"), 13 * (5 + 2) * 2 * 4  # [E, (P + S) pl pw]
+    assert cut.sizes == [n // 3 + (r < n % 3) for r in range(3)]
+    assert layout.data_part("encoder/weight") == cut.index(1)
+    assert solo.data_parts("encoder/weight").sizes == [n]  # one replica updates all of it
     assert np.array_equal(solo.prognostic_channels, layout.prognostic_channels)

@@ -96,6 +96,9 @@ class Layout:
             "head/linear": Dense(STANDARD, self.V_d, self.V_c),
         }
         self.specs = self._param_specs()
+        self._data_parts = {name: Partition.even(int(np.prod(spec.block_shape(self.coords),
+                                                             dtype=np.int64)), grid.data.size)
+                            for name, spec in self.specs.items()}
 
     # ---- shard specs -------------------------------------------------------------------
     def _param_specs(self) -> dict:
@@ -170,8 +173,7 @@ class Layout:
         """The cut of this rank's block of parameter `name`, flattened (row-major), into one
         contiguous part per replica (member of `data`): the part that replica's optimizer
         updates (`mixer.optim`), then gathers to the others."""
-        shape = self.specs[name].block_shape(self.coords)
-        return Partition.even(int(np.prod(shape, dtype=np.int64)), self.grid.data.size)
+        return self._data_parts[name]
 
     def data_part(self, name: str) -> slice:
         """This replica's part of `data_parts(name)`."""
