@@ -6,11 +6,13 @@ Runs three warm-up steps of a small model (loss, gradients, AdamW, the read-back
 step's numbers) on the DxC grid (with N / (D C) replicas), then two more with a CuPy memory
 hook that counts every allocation the pool asks of the device (cudaMalloc): the parameters,
 the moments, the activations and every communication buffer must come from blocks the pool
-already holds. Rank 0 prints one JSON line: the allocations and bytes seen on each rank.
-Called by tests/test_gpu.py.
+already holds. Rank 0 prints one JSON line: the allocations and bytes seen on each rank, and
+for each allocation the package lines that asked for it (innermost last), so that a failure
+says where. Called by tests/test_gpu.py.
 """
 import json
 import sys
+import traceback
 
 import numpy as np
 
@@ -42,19 +44,21 @@ def main(grid_text: str):
 
     for _ in range(3):
         step()
-    seen = []
+    seen, sites = [], []
 
     class DeviceAllocations(cp.cuda.MemoryHook):
         name = "device_allocations"
 
         def alloc_postprocess(self, **kwargs):
             seen.append(int(kwargs["mem_size"]))
+            sites.append([f"{f.filename.split('weathermixer/')[-1]}:{f.lineno} {f.line}"
+                          for f in traceback.extract_stack() if "weathermixer/" in f.filename])
 
     with DeviceAllocations():
         for _ in range(2):
             step()
     rows = grid.world.gather_json({"rank": grid.world.rank, "allocations": len(seen),
-                                   "bytes": sum(seen)})
+                                   "bytes": sum(seen), "sites": sites})
     if grid.is_root:
         print(json.dumps(rows))
 
