@@ -151,15 +151,15 @@ class AdamW:
         b1, b2 = self.betas
         in_dtype = {}  # s in each parameter dtype, made once
         for name, p in params.items():
-            cut = layout.data_parts(name)
-            mine, flat = cut.index(grid.data.rank), flat_view(p)
+            cut, mine, flat = layout.data_parts(name), layout.data_part(name), flat_view(p)
+            size = mine.stop - mine.start
             if name not in self.m:  # first step: zero moments (not re-made every step)
-                self.m[name] = xp.zeros(mine.stop - mine.start, dtype=p.dtype)
+                self.m[name] = xp.zeros(size, dtype=p.dtype)
                 self.v[name] = xp.zeros_like(self.m[name])
-            if self.m[name].size != mine.stop - mine.start:
+            if self.m[name].size != size:
                 raise ValueError(f"optimizer state of {name} has {self.m[name].size} elements, "
-                                 f"but this replica's part of the block has "
-                                 f"{mine.stop - mine.start}: the state is of another layout")
+                                 f"but this replica's part of the block has {size}: the state "
+                                 "is of another layout")
             decay = 1.0 - self.lr * self.weight_decay if p.ndim == 2 else 1.0
             if p.dtype not in in_dtype:
                 in_dtype[p.dtype] = s.astype(p.dtype)
@@ -222,7 +222,7 @@ class WholeBlocks(collections.abc.Mapping):
         layout, part = self.layout, self.parts[name]
         cut = layout.data_parts(name)
         flat = get_array_module(part).empty(cut.n, dtype=part.dtype)  # [block size]
-        flat[cut.index(layout.grid.data.rank)] = part
+        flat[layout.data_part(name)] = part
         layout.grid.data.allgather_in_place(flat, cut.sizes, tag="checkpoint")
         return flat.reshape(layout.specs[name].block_shape(layout.coords))
 
