@@ -84,6 +84,38 @@ def optimizer_states(path) -> dict:
                 for s in ("m", "v") for name in wm.load_checkpoint(path)[0]}
 
 
+def test_a_checkpoint_between_steps_holds_its_step_not_the_one_in_flight(tmp_path, monkeypatch):
+    """The loop queues step n + 1 before it reads step n back; a checkpoint due after step 2
+    of 3 must still hold what a run of 2 steps ends with (parameters, moments, step count)."""
+    from weathermixer.io.synthetic import SyntheticSource
+    from weathermixer.mixer import state, train as training
+    from weathermixer.mixer.api import serial_layout
+    cfg = wm.Config(n_lat=10, n_lon=12, n_prognostic=5, n_static=2, patch_lat=2, patch_lon=4,
+                    embed_dim=13, token_hidden_dim=7, channel_hidden_dim=9, n_blocks=2)
+    saved, save = {}, state.save
+
+    def save_and_keep(path, params, cfg_, layout, optimizer=None, step=0, extra=None):
+        save(path, params, cfg_, layout, optimizer, step, extra)
+        saved.setdefault(step, (wm.load_checkpoint(path)[0], optimizer_states(path)))
+
+    monkeypatch.setattr(state, "save", save_and_keep)
+    for steps, every in ((3, 2), (2, 0)):
+        source = SyntheticSource(cfg.n_lat, cfg.n_lon, cfg.n_prognostic, cfg.n_static,
+                                 n_time=24, seed=0)
+        settings = training.TrainSettings(steps=steps, batch=2, lr=3e-3, dtype="float64",
+                                          checkpoint_every=every, log_every=100,
+                                          out_dir=str(tmp_path / f"{steps}-{every}"))
+        history = training.train(cfg, serial_layout(cfg), source, settings)
+        assert [r["step"] for r in history] == list(range(1, steps + 1))
+    two = wm.load_checkpoint(tmp_path / "2-0" / "last.h5")[0]
+    params, moments = saved[2]
+    assert sorted(params) == sorted(two)
+    assert all(np.array_equal(params[k], two[k]) for k in two)
+    assert all(np.array_equal(v, optimizer_states(tmp_path / "2-0" / "last.h5")[k])
+               for k, v in moments.items())
+    assert not all(np.array_equal(params[k], saved[3][0][k]) for k in two)  # step 3 moved on
+
+
 def test_optimizer_state_cut_over_replicas_saves_and_resumes_whole(tmp_path):
     """4 replicas (each updating a quarter of every block, odd sizes: uneven quarters) write
     the moments 1 rank writes; 1 rank resumes from them as if it had run all along."""

@@ -5,8 +5,10 @@
 
     forward   predict
     backward  loss_and_grads minus forward
-    step      loss_and_grads + AdamW (the training step; nothing in it waits for the device;
-              with replicas each updates its part of the parameters and gathers the rest)
+    step      loss_and_grads + AdamW, the training step, timed as `train` runs it: one step
+              in flight, each step's numbers read back once the next one is queued, so the
+              device does not wait for the host between steps (with replicas each updates
+              its part of the parameters and gathers the rest)
 
 With replicas (n_dp > 1) it also times the same step of each replica alone, its `data` group
 made a group of one (`solo_layout`: no gradient crosses replicas), in the same processes on the
@@ -35,7 +37,7 @@ from weathermixer.autograd.xp import synchronize
 from weathermixer.jigsaw.backend import COMM_LOG, LocalGroup
 from weathermixer.mixer.api import loss_array_and_grads, predict
 from weathermixer.mixer.layout import Layout
-from weathermixer.mixer.optim import AdamW, ParamsInFlight
+from weathermixer.mixer.optim import AdamW, ParamsInFlight, read_back
 from weathermixer.mixer.params import init_params
 
 
@@ -62,6 +64,29 @@ def seconds(xp, fn) -> float:
     end.record()
     end.synchronize()
     return xp.cuda.get_elapsed_time(start, end) / 1e3
+
+
+def steady_step_seconds(xp, step, n: int) -> list:
+    """Seconds of each of n steps run as `train` runs them: step() queues a step and returns
+    its numbers, still on the device, which are read back once the next step is queued.
+    CUDA events between the steps; one more step first, so that each timed one starts with
+    the device already busy (its first interval would hold the host's start-up). The host
+    clock on CPUs, where every step completes before it returns."""
+    if xp is np:
+        return [seconds(xp, lambda: read_back(step())) for _ in range(n)]
+    marks, in_flight = [], None
+    for _ in range(n + 1):
+        marks.append(xp.cuda.Event())
+        marks[-1].record()
+        queued = step()
+        if in_flight is not None:
+            read_back(in_flight)
+        in_flight = queued
+    marks.append(xp.cuda.Event())
+    marks[-1].record()
+    read_back(in_flight)
+    marks[-1].synchronize()
+    return [xp.cuda.get_elapsed_time(a, b) / 1e3 for a, b in zip(marks[1:-1], marks[2:])]
 
 
 def gemm_tflops(xp, dtype: str, n: int, repeats: int = 5) -> float:
@@ -126,8 +151,8 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
                                     cut_over_data=True)
 
     def step(lay=layout, optimizer=opt):  # moments cut over the replicas of `lay`
-        _, grads = gradients(lay)
-        optimizer.step(params, grads, lay)
+        loss, grads = gradients(lay)
+        return {"loss": loss, **optimizer.step(params, grads, lay)}  # still on the device
 
     for _ in range(warmup):
         step()
@@ -135,15 +160,15 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
     grid.world.barrier()
     t_fwd = float(np.median([seconds(xp, forward) for _ in range(steps)]))
     t_grad = float(np.median([seconds(xp, gradients) for _ in range(steps)]))
-    t_step = float(np.median([seconds(xp, step) for _ in range(steps)]))
+    t_step = float(np.median(steady_step_seconds(xp, step, steps)))
     t_solo = None
     if grid.n_dp > 1:
         solo = solo_layout(layout)
         solo_opt = AdamW(lr=1e-5, clip_norm=1.0)  # moments of whole blocks, dropped after
         step(solo, solo_opt)
         grid.world.barrier()
-        t_solo = float(np.median([seconds(xp, lambda: step(solo, solo_opt))
-                                  for _ in range(steps)]))
+        t_solo = float(np.median(steady_step_seconds(xp, lambda: step(solo, solo_opt),
+                                                     steps)))
         del solo_opt
     COMM_LOG.reset()  # then the same steps again, each collective timed on its own
     COMM_LOG.synchronize = True

@@ -7,6 +7,8 @@ What a step sees depends only on (seed, step, global batch), never on the layout
 - rollout: k ~ U{1..K} drawn from a generator seeded by (seed, step);
 - each rank reads only its tile of every sample (variables V_j and S_j, rows of band i), in a
   background thread one step ahead, so reading overlaps the step before it.
+
+One step is in flight on the device: step n + 1 is queued before step n's loss is read back.
 """
 from __future__ import annotations
 
@@ -163,37 +165,60 @@ def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | Non
     reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # reads step + 1 during step
     pending = {start: reader.submit(load, start)} if start < s.steps else {}
 
-    def train_step(step: int) -> dict:
-        t0 = time.perf_counter()
+    def queue_step(step: int) -> tuple:
+        """Queue step `step` on the device; its numbers stay there until `finish`."""
         k, x, target = pending.pop(step).result()
         if step + 1 < s.steps:
             pending[step + 1] = reader.submit(load, step + 1)
         loss, grads = loss_array_and_grads(params, x, target, cfg, rollout=k,
                                            lat_weights=lat_w, layout=layout,
                                            cut_over_data=True)  # each replica's part
-        stats = read_back({"loss": loss, **opt.step(params, grads, layout)})  # the one wait
-        stats["skipped"] = bool(stats["skipped"])
-        return {"step": step + 1, **stats, "rollout": k, "seconds": time.perf_counter() - t0}
+        return step, k, {"loss": loss, **opt.step(params, grads, layout)}
 
-    history, done = [], start
+    history, done, last_read = [], start, time.perf_counter()
+
+    def finish(queued: tuple):
+        """Read a queued step's numbers back (the wait for the device) and log them; its
+        seconds run from the read-back before it, so they are the steady step time."""
+        nonlocal done, last_read
+        step, k, stats = queued
+        stats = read_back(stats)
+        stats["skipped"] = bool(stats["skipped"])
+        now = time.perf_counter()
+        record = {"step": step + 1, **stats, "rollout": k, "seconds": now - last_read}
+        last_read, done = now, step + 1
+        history.append(record)
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        progress.update(step, record["loss"], s.batch / record["seconds"], k)
+
+    # One step in flight: step n + 1 is queued before step n's numbers are read back, so the
+    # device never waits for the host between steps. What is decided between steps (stop,
+    # checkpoint) needs no device numbers; it waits for the step in flight only when it acts.
+    in_flight = None
     with StopRequest() as stop:
         try:
             for step in range(start, s.steps):
-                record = train_step(step)
-                history.append(record)
-                done = step + 1
-                if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                progress.update(step, record["loss"], s.batch / record["seconds"],
-                                record["rollout"])
-                if grid.world.agree(stop.requested, op="max"):  # any rank signalled: all stop
-                    if grid.is_root:
-                        print(f"\nstop requested: ending after step {done}", flush=True)
-                    break
-                if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
-                    state.save(os.path.join(s.out_dir, "last.h5"), params, cfg, layout, opt,
-                               done, extra)
+                if step > start:
+                    stopping = grid.world.agree(stop.requested, op="max")  # any rank: all stop
+                    saving = bool(s.checkpoint_every) and step % s.checkpoint_every == 0
+                    if stopping or saving:
+                        finish(in_flight)
+                        in_flight = None
+                    if stopping:
+                        if grid.is_root:
+                            print(f"\nstop requested: ending after step {done}", flush=True)
+                        break
+                    if saving:
+                        state.save(os.path.join(s.out_dir, "last.h5"), params, cfg, layout, opt,
+                                   done, extra)
+                queued = queue_step(step)
+                if in_flight is not None:
+                    finish(in_flight)
+                in_flight = queued
+            if in_flight is not None:
+                finish(in_flight)
         finally:
             reader.shutdown(cancel_futures=True)
             progress.close()
