@@ -24,6 +24,9 @@ def test_four_way_bench_reports_every_rank(tmp_path):
         assert r["bytes_sent_per_step"]["layernorm"] > 0
         assert 0 < r["comm_seconds_per_step"] < r["seconds_per_step"]
         assert r["dp_efficiency"] is None  # one replica
+        assert r["transport"] == {"domain": "MPI (device arrays via host memory)",
+                                  "channel": "MPI (device arrays via host memory)",
+                                  "data": "none (one rank)"}, r["transport"]
     assert "bytes sent per step" in proc.stdout
 
 

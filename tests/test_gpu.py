@@ -57,15 +57,42 @@ def test_tf32_training_tracks_fp32(tmp_path):
 
 @pytest.mark.skipif(not cupy_available() or module("cupy").cuda.runtime.getDeviceCount() < 2,
                     reason="needs 2 GPUs")
+@pytest.mark.parametrize("copies", ["copy-engines", "nccl-only"])
 @pytest.mark.parametrize("layout", [("--jigsaw", "2"), ("--grid", "2x1"), ("--jigsaw", "1")],
                          ids=["1x2", "2x1", "two-replicas"])
-def test_two_gpus_equal_one_gpu(tmp_path, layout):
-    """NCCL on 2 GPUs: 2-way over channels, 2-way over tokens, and 2 replicas (whose gradient
-    sums overlap the backward on a side stream) end where 1 GPU ends, float64."""
+def test_two_gpus_equal_one_gpu(tmp_path, monkeypatch, layout, copies):
+    """2 GPUs: 2-way over channels, 2-way over tokens, and 2 replicas (whose gradient sums
+    overlap the backward on a side stream) end where 1 GPU ends, float64; with the pair's
+    block transfers on the copy engines (`jigsaw.peer`, the default) and with NCCL alone."""
     from tests.test_train_cli import EXACT, max_relative_difference
+    monkeypatch.setenv("WEATHERMIXER_PEER_COPIES", "1" if copies == "copy-engines" else "0")
     _, one = _losses(tmp_path, "one", *EXACT)
     _, two = _losses(tmp_path, "two", *EXACT, *layout, n=2)
     assert max_relative_difference(one / "last.h5", two / "last.h5") < 1e-10
+
+
+@pytest.mark.skipif(not cupy_available() or module("cupy").cuda.runtime.getDeviceCount() < 2,
+                    reason="needs 2 GPUs")
+def test_a_pair_of_gpus_moves_blocks_on_the_copy_engines(tmp_path):
+    """`weathermixer bench` on 2x1 reports the domain pair's transfers on the copy engines
+    (the CUDA IPC set-up succeeded on both ranks), and NCCL alone where they are turned off."""
+    from tests.test_mpi import run_under_mpi
+    import os
+    args = ["-m", "weathermixer", "bench", "--device", "gpu", "--grid", "2x1", "--batch", "1",
+            "--n-lat", "8", "--n-lon", "16", "--n-prognostic", "5", "--n-static", "1",
+            "--patch-lat", "1", "--patch-lon", "4", "--embed-dim", "64", "--blocks", "2",
+            "--token-hidden-dim", "48", "--channel-hidden-dim", "96", "--steps", "2",
+            "--warmup", "1"]
+    for setting, want in (("1", "copy engines"), ("0", "NCCL kernels")):
+        out = tmp_path / f"bench-{setting}.json"
+        proc = run_under_mpi(2, args + ["--json", str(out)], limit=300,
+                             env=dict(os.environ, WEATHERMIXER_PEER_COPIES=setting))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        rows = json.loads(out.read_text())["rows"]
+        assert all(want in r["transport"]["domain"] for r in rows), rows
+        assert all(r["transport"]["channel"] == "none (one rank)" for r in rows), rows
+        if setting == "0":
+            assert all("copy" not in r["transport"]["domain"] for r in rows), rows
 
 
 def test_fused_adamw_equals_the_numpy_formula():

@@ -133,6 +133,7 @@ def group(monkeypatch):
     fake = FakeNccl(WORLD)
     g._nccl, g.nccl = fake, fake  # the module's codes and group calls, and the communicator
     g._side, g._in_flight, g._pending = None, [], False
+    g._peer = False  # NCCL's paths; `test_without_cuda_ipc_a_pair_falls_back_to_nccl` asks
     return g
 
 
@@ -197,3 +198,15 @@ def test_device_paths_of_nccl_group(group):
         assert_all(on_device and err < 1e-12,
                    f"{name} on {N} ranks: relative error {err}, result on the device: {on_device}")
     assert_all(group._in_flight == [] or group._pending, "buffers kept with nothing in flight")
+
+
+
+def test_without_cuda_ipc_a_pair_falls_back_to_nccl(group):
+    """A pair group asks for copy-engine transfers on its first device collective
+    (`jigsaw.peer.PeerCopies.connect`, collective); with no CUDA IPC here (no libcuda, a fake
+    CuPy) both members give up together, without hanging, and the collective goes by NCCL."""
+    group._peer = None
+    out = group.allgather(_dev(inputs(RANK)["block"]), 1, SIZES)
+    err = error(np.asarray(out), expected()["allgather"])
+    assert_all(err < 1e-12 and group._peer_copies() is None and group._peer is False,
+               f"fallback on {N} ranks: relative error {err}, engine {group._peer}")

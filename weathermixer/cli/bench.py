@@ -46,6 +46,8 @@ def bench(config, jigsaw, grid, batch, steps, warmup, rollout, dtype, device, pr
         click.echo(f"{cfg.n_params():,} parameters; {pgrid.describe()}; global batch {batch}; "
                    f"{dtype}{' ' + precision if xp is not np else ''}; median of {steps} steps; "
                    f"large-GEMM rate {rows[0]['gemm_tflops']:.1f} TFLOP/s")
+        click.echo("groups: " + ", ".join(f"{name} {how}" for name, how
+                                          in rows[0]["transport"].items()))
         click.echo(format_table(rows))
         efficiency = data_parallel_efficiency(rows)
         if efficiency is not None:

@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from weathermixer.autograd.xp import get_array_module, is_device_array, to_host, to_module
+from weathermixer.jigsaw import peer
 from weathermixer.jigsaw.shard import offsets
 
 
@@ -134,6 +135,10 @@ class LocalGroup:
     def __init__(self, name: str = "local"):
         self.name = name
 
+    def transport(self) -> str:
+        """How device arrays travel in this group (the bench reports it)."""
+        return "none (one rank)"
+
     def allreduce(self, x, op: str = "sum", tag: str = "allreduce", overlap: bool = False):
         return x
 
@@ -236,6 +241,12 @@ class MPIGroup:
         self.size = comm.Get_size()
         self.rank = comm.Get_rank()
         self.cuda_aware = mpi_cuda_aware()
+
+    def transport(self) -> str:
+        """How device arrays travel in this group (the bench reports it)."""
+        if self.size == 1:
+            return "none (one rank)"
+        return "MPI, CUDA-aware" if self.cuda_aware else "MPI (device arrays via host memory)"
 
     # -- helpers -------------------------------------------------------------------------
     def _op(self, op: str):
@@ -421,6 +432,10 @@ class NCCLGroup(MPIGroup):
     The NCCL unique id is made on group rank 0 and broadcast over the group's MPI
     communicator; the CUDA device must be chosen before the group is made. NCCL collectives
     need equal counts, so uneven parts are padded to the largest part on the wire.
+
+    In a pair on one host, allgathers, reduce-scatters and the pairwise exchange move their
+    blocks by the copy engines instead (`jigsaw.peer`, no SM taken from the GEMMs beside them,
+    no padding); small allreduces stay on NCCL.
     """
 
     def __init__(self, comm, name: str):
@@ -435,6 +450,22 @@ class NCCLGroup(MPIGroup):
         self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
         self._side, self._in_flight = None, []  # stream and arrays of overlapped collectives
         self._pending = False  # work queued on the side stream since the last `wait()`
+        self._peer = None  # `peer.PeerCopies` of a pair on one host, False where none
+
+    def transport(self) -> str:
+        """Collective where not yet settled (the copy-engine set-up)."""
+        if self.size == 1:
+            return "none (one rank)"
+        return "NCCL kernels + copy engines (CUDA IPC)" if self._peer_copies() else "NCCL kernels"
+
+    def _peer_copies(self):
+        """The copy-engine transfers of a 2-rank group on one host (`jigsaw.peer`), set up
+        by the first collective that asks (both members ask at the same point); None where
+        the group is larger, spans hosts, has no CUDA IPC, or WEATHERMIXER_PEER_COPIES=0."""
+        if self._peer is None:
+            self._peer = (peer.PeerCopies.connect(self.comm) if self.size == 2 and peer.wanted()
+                          else None) or False
+        return self._peer or None
 
     # -- helpers -------------------------------------------------------------------------
     def _dtype(self, x):
@@ -510,6 +541,8 @@ class NCCLGroup(MPIGroup):
         if self.size == 1 or not is_device_array(x):
             return super().start_allgather(x, axis, sizes, tag)
         xp = get_array_module(x)
+        if self._peer_copies():
+            return self._pair_allgather(x, axis, sizes, tag, overlap)
         m, even = max(sizes), all(s == max(sizes) for s in sizes)
         part = xp.moveaxis(x, axis, 0)  # [sizes[rank], ...rest]
         send = xp.ascontiguousarray(part) if even else _pad_first(part, m)  # [m, ...rest]
@@ -526,6 +559,21 @@ class NCCLGroup(MPIGroup):
 
         return InFlight(recv, event, keep=(send,), finish=concatenate)
 
+    def _pair_allgather(self, x, axis: int, sizes, tag: str, overlap: bool):
+        """`start_allgather` by the copy engines: the other member's part is copied from its
+        memory into ours, unpadded."""
+        xp, r, q, o = get_array_module(x), self.rank, 1 - self.rank, offsets(sizes)
+        mine = xp.ascontiguousarray(xp.moveaxis(x, axis, 0))  # [sizes[r], ...rest]
+        full = xp.empty((o[-1],) + mine.shape[1:], dtype=x.dtype)  # [sum(sizes), ...rest]
+        pull = self._peer.begin(mine)
+
+        def collective(stream):
+            pull.into(full[o[q]:o[q + 1]], stream)
+            _copy_async(full[o[r]:o[r + 1]], mine, stream)
+
+        event = self._launch(tag, mine.nbytes, collective, overlap)
+        return InFlight(full, event, keep=(mine,), finish=lambda f: xp.moveaxis(f, 0, axis))
+
     def start_reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter",
                              overlap: bool = True):
         """The parts form on the side stream (`InFlight`), every part padded to the largest
@@ -533,6 +581,8 @@ class NCCLGroup(MPIGroup):
         if self.size == 1 or not is_device_array(x):
             return super().start_reduce_scatter(x, axis, sizes, tag)
         xp = get_array_module(x)
+        if self._peer_copies():
+            return self._pair_reduce_scatter(x, axis, sizes, tag, overlap)
         m = max(sizes)
         full = xp.moveaxis(x, axis, 0)  # [sum(sizes), ...rest]
         if all(s == m for s in sizes):
@@ -550,6 +600,24 @@ class NCCLGroup(MPIGroup):
         return InFlight(recv, event, keep=(parts,),
                         finish=lambda mine: xp.moveaxis(mine[:sizes[self.rank]], 0, axis))
 
+    def _pair_reduce_scatter(self, x, axis: int, sizes, tag: str, overlap: bool):
+        """`start_reduce_scatter` by the copy engines: the other member's partial sum of our
+        part is copied from its memory, then ours is added to it on the same stream."""
+        import cupy
+        xp, r, q, o = get_array_module(x), self.rank, 1 - self.rank, offsets(sizes)
+        full = xp.ascontiguousarray(xp.moveaxis(x, axis, 0))  # [sum(sizes), ...rest]
+        recv = xp.empty((sizes[r],) + full.shape[1:], dtype=x.dtype)  # [sizes[r], ...rest]
+        theirs = full[o[q]:o[q + 1]]
+        pull = self._peer.begin(theirs)
+
+        def collective(stream):
+            pull.into(recv, stream)
+            with cupy.cuda.ExternalStream(stream):
+                cupy.add(recv, full[o[r]:o[r + 1]], out=recv)
+
+        event = self._launch(tag, theirs.nbytes, collective, overlap)
+        return InFlight(recv, event, keep=(full,), finish=lambda mine: xp.moveaxis(mine, 0, axis))
+
     def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False):
         """With `overlap`, on the side stream: complete after `wait()`. Equal parts gather in
         place (NCCL's in-place allgather: the send buffer is this rank's part of `flat`);
@@ -558,6 +626,12 @@ class NCCLGroup(MPIGroup):
             return super().allgather_in_place(flat, sizes, tag, overlap)
         import cupy
         m, o = max(sizes), offsets(sizes)
+        if self._peer_copies():  # the other member's part copied straight into `flat`
+            mine, q = flat[o[self.rank]:o[self.rank + 1]], 1 - self.rank
+            pull = self._peer.begin(mine)
+            return self._launch(tag, mine.nbytes,
+                                lambda stream: pull.into(flat[o[q]:o[q + 1]], stream),
+                                overlap, keep=(flat,))
         if all(s == m for s in sizes):
             send, recv, keep = flat[o[self.rank]:o[self.rank + 1]], flat, (flat,)
         else:
@@ -576,12 +650,18 @@ class NCCLGroup(MPIGroup):
                             keep=keep)
 
     def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
-        """With `overlap`, on the side stream: complete after `wait()`."""
+        """With `overlap`, on the side stream: complete after `wait()`. By the copy engines the
+        own slot is left unset: the caller holds that block (`PartsGather` reads it there)."""
         if self.size == 1 or not is_device_array(x):
             return super().allgather_parts(x, tag)
         xp = get_array_module(x)
         send = xp.ascontiguousarray(x)
         recv = xp.empty((self.size,) + send.shape, dtype=send.dtype)
+        if self._peer_copies():  # the own slot is left unset: the caller holds its block
+            pull = self._peer.begin(send)
+            self._launch(tag, send.nbytes, lambda stream: pull.into(recv[1 - self.rank], stream),
+                         overlap, keep=(send, recv))
+            return recv
         self._launch(tag, send.nbytes * (self.size - 1),
                      lambda stream: self.nccl.allGather(send.data.ptr, recv.data.ptr, send.size,
                                                         self._dtype(send), stream),
@@ -597,6 +677,13 @@ class NCCLGroup(MPIGroup):
         if self.size == 1 or not is_device_array(x):
             return super().parts_gather(x, tag)
         return PartsGather(self, x, tag, overlap=True)
+
+
+def _copy_async(dst, src, stream_ptr: int):
+    """dst <- src (C-contiguous device arrays of one size) on the stream `stream_ptr`."""
+    import cupy
+    cupy.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes,
+                                  cupy.cuda.runtime.memcpyDeviceToDevice, stream_ptr)
 
 
 def _pad_first(a, m: int):
@@ -646,6 +733,11 @@ class PairwiseExchange(PartsExchange):
         s = (p - r) % n
         send = get_array_module(self.store).ascontiguousarray(self.store[p])
         recv, dtype = self.received[s - 1], g._dtype(send)
+        if g._peer_copies():
+            pull = g._peer.begin(send)
+            g._launch(self.tag, send.nbytes, lambda stream: pull.into(recv, stream),
+                      overlap=True, keep=(send, self.received))
+            return
 
         def exchange(stream):
             g._nccl.groupStart()

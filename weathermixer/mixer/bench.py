@@ -24,7 +24,8 @@ one large GEMM measured in the same run, the share of the step spent inside coll
 on its own; the step time comes from the first series, where nothing waits), parameter bytes
 held (and their fraction of the 1-way total), bytes sent per step by each operator, and peak
 device memory: what the CuPy pool holds (like PyTorch's max_memory_reserved) and the most
-that live arrays used during one step (like max_memory_allocated).
+that live arrays used during one step (like max_memory_allocated); and how each group's
+device arrays travel (`transport`: NCCL kernels, copy engines, MPI).
 """
 from __future__ import annotations
 
@@ -195,6 +196,7 @@ def run_bench(cfg, layout, batch: int, steps: int, warmup: int, dtype: str, xp=n
         "peak_device_bytes": peak, "peak_in_use_bytes": in_use,
         "param_bytes": held, "param_fraction": held / (cfg.n_params() * np.dtype(dtype).itemsize),
         "bytes_sent_per_step": sent,
+        "transport": {name: grid.group(name).transport() for name in ("domain", "channel", "data")},
     }
 
 

@@ -1,0 +1,224 @@
+"""Copy-engine transfers between the two GPUs of a pair group on one node (CUDA IPC).
+
+NCCL moves bytes with kernels that need SMs. Beside a cuBLAS GEMM, which holds every SM until
+it ends, such a kernel waits for the GEMM or slows it. Between two GPUs of one node, a DMA copy
+from the other GPU's memory (`cudaMemcpyAsync` from a pointer mapped by CUDA IPC) runs on the
+copy engines and uses no SM. Measured on an H200 pair over NVLink (docs/benchmarks.md): 392
+GB/s alone and just as fast beside GEMMs, which ran no slower. NCCL's allgather reached 232
+GB/s and waited for the GEMMs.
+
+Every transfer is one `exchange`, made by both members in the same order: each exposes one
+region of its device memory to the other and pulls the other's region into a buffer of its
+own. Exchange i, with event slot s = i mod SLOTS, on each member:
+
+  1. settle i - 2: receive the other's acknowledgement of it, and make the current stream wait
+     until the other's copy of our region has ended (its `copied` event). Only then is the
+     region released to the memory pool. (Settling one exchange late leaves the other's copy
+     time to end before the current stream gets there.)
+  2. record `ready[s]` on the current stream: from there on the region holds its values;
+  3. swap descriptors with the other member over MPI: the IPC handle of the region's
+     allocation, the region's offset in it and its bytes (a host wait for the other host);
+  4. on the stream given: wait for the other's `ready[s]`, copy its region into ours (copy
+     engine), then record our `copied[s]`;
+  5. send the acknowledgement of exchange i: steps 4's wait and record are queued.
+
+A member records an event slot again only after the other has queued its wait on the last
+record of that slot. For `ready` this holds by steps 1 and 5. For `copied` it holds because
+the other settles i before it swaps the descriptors of i + 2. The swap keeps the two members
+in lockstep, so SLOTS >= 3 suffices.
+
+An allocation is mapped once (opening a handle took 3 to 4 ms) and kept mapped, looked up by
+its handle. A handle names one allocation, so a block that the pool freed and allocated again
+gets a new handle and a new mapping.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+
+import numpy as np
+
+SLOTS = 4
+LAG = 1  # exchanges left unsettled after the newest
+PEER_COPIES_ENV = "WEATHERMIXER_PEER_COPIES"
+_DESCRIPTOR, _ACK = 7301, 7302  # MPI tags of the two messages
+_HANDLE_BYTES = 64
+
+
+def wanted() -> bool:
+    """Copy-engine transfers are on unless WEATHERMIXER_PEER_COPIES=0."""
+    return os.environ.get(PEER_COPIES_ENV, "1") != "0"
+
+
+class _Driver:
+    """The one CUDA driver call CuPy does not wrap: the allocation that holds a pointer."""
+
+    def __init__(self):
+        self.lib = ctypes.CDLL("libcuda.so.1")
+
+    def allocation_of(self, ptr: int) -> int:
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        status = self.lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size),
+                                                  ctypes.c_uint64(ptr))
+        if status != 0:
+            raise RuntimeError(f"cuMemGetAddressRange failed ({status})")
+        return base.value
+
+
+class PeerCopies:
+    """Copy-engine exchanges with the other member of a 2-rank MPI communicator. Build it
+    with `connect` (collective): None where the two ranks are on different hosts or a test
+    transfer fails on either."""
+
+    def __init__(self, comm):
+        self.comm, self.other = comm, 1 - comm.Get_rank()
+        self.mapped = {}  # the other's allocations: IPC handle -> pointer here
+        self.count = 0  # exchanges begun
+        self.exposed = collections.deque()  # (exchange, region) not yet settled, oldest first
+
+    @classmethod
+    def connect(cls, comm):
+        """Collective over the pair: the engine where both members could set it up and
+        pull a test array from each other, else None on both."""
+        if not _same_host(comm):
+            return None
+        engine = cls(comm)
+        return engine if _agree(comm, engine._set_up()) else None
+
+    def _set_up(self) -> bool:
+        """Make and swap the event handles, then a test transfer. Every MPI message is sent
+        whatever fails here, so the other member never waits for one that is not coming."""
+        ok, mine = True, bytes(2 * SLOTS * _HANDLE_BYTES)
+        try:
+            import cupy
+            self.cupy, self.rt = cupy, cupy.cuda.runtime
+            self.driver = _Driver()
+            flags = dict(block=False, disable_timing=True, interprocess=True)
+            self.ready = [self.cupy.cuda.Event(**flags) for _ in range(SLOTS)]
+            self.copied = [self.cupy.cuda.Event(**flags) for _ in range(SLOTS)]
+            mine = b"".join(bytes(self.rt.ipcGetEventHandle(e.ptr))
+                            for e in self.ready + self.copied)
+        except Exception:  # no IPC here (no libcuda, no interprocess events)
+            ok = False
+        theirs = bytes(self._swap(np.frombuffer(mine, dtype=np.uint8)))
+        try:
+            events = [self.rt.ipcOpenEventHandle(theirs[k:k + _HANDLE_BYTES])
+                      for k in range(0, len(theirs), _HANDLE_BYTES)] if ok else []
+            self.their_ready, self.their_copied = events[:SLOTS], events[SLOTS:]
+        except Exception:
+            ok = False
+        return _agree(self.comm, ok) and self._test_transfer()
+
+    def _test_transfer(self) -> bool:
+        """Pull a small array of the other's: True where its values arrived, on both."""
+        cp, ok = self.cupy, True
+        mine = cp.full(1000, self.comm.Get_rank() + 1, dtype=cp.float32)  # [1000]
+        handle, offset = bytes(_HANDLE_BYTES), 0
+        try:
+            handle = bytes(self.rt.ipcGetMemHandle(mine.data.ptr))
+            offset = mine.data.ptr - self.driver.allocation_of(mine.data.ptr)
+        except Exception:
+            ok = False
+        theirs = self._swap(np.frombuffer(handle + np.int64(offset).tobytes(), dtype=np.uint8))
+        try:
+            got = cp.empty_like(mine)
+            offset_there = int(theirs[_HANDLE_BYTES:].view(np.int64)[0])
+            source = self._map(bytes(theirs[:_HANDLE_BYTES])) + offset_there
+            self.rt.memcpy(got.data.ptr, source, got.nbytes, self.rt.memcpyDeviceToDevice)
+            ok = ok and bool((got == self.other + 1).all())
+        except Exception:
+            ok = False
+        cp.cuda.Device().synchronize()
+        return _agree(self.comm, ok)  # both copies have ended: `mine` may go
+
+    def _swap(self, payload: np.ndarray) -> np.ndarray:
+        """The other member's payload of the same size, for ours (a host wait)."""
+        out = np.empty_like(payload)
+        self.comm.Sendrecv(payload, dest=self.other, sendtag=_DESCRIPTOR, recvbuf=out,
+                           source=self.other, recvtag=_DESCRIPTOR)
+        return out
+
+    # -- one exchange ------------------------------------------------------------------
+    def begin(self, region) -> "_Pull":
+        """Steps 1 to 3 for `region` (a C-contiguous device array, exposed until the next
+        exchange settles it): returns what pulls the other's region."""
+        self._settle()
+        slot = self.count % SLOTS
+        self.count += 1
+        stream = self.cupy.cuda.get_current_stream()
+        self.rt.eventRecord(self.ready[slot].ptr, stream.ptr)
+        handle, offset = bytes(_HANDLE_BYTES), 0
+        if region.nbytes:
+            ptr = region.data.ptr
+            handle = bytes(self.rt.ipcGetMemHandle(ptr))
+            offset = ptr - self.driver.allocation_of(ptr)
+        descriptor = np.frombuffer(handle + np.array([offset, region.nbytes, self.count],
+                                                     dtype=np.int64).tobytes(), dtype=np.uint8)
+        theirs = self._swap(descriptor)
+        their_offset, their_bytes, their_count = theirs[_HANDLE_BYTES:].view(np.int64)
+        if their_count != self.count:
+            raise RuntimeError(f"peer copies out of step: exchange {self.count} here, "
+                               f"{their_count} on rank {self.other}")
+        self.exposed.append((self.count, region))
+        source = 0
+        if their_bytes:
+            source = self._map(bytes(theirs[:_HANDLE_BYTES])) + int(their_offset)
+        return _Pull(self, self.count, slot, source, int(their_bytes))
+
+    def _map(self, handle: bytes) -> int:
+        if handle not in self.mapped:
+            self.mapped[handle] = self.rt.ipcOpenMemHandle(handle)
+        return self.mapped[handle]
+
+    def _settle(self):
+        """Step 1 for every exchange but the last LAG: their regions may go back to the pool
+        after this."""
+        stream = self.cupy.cuda.get_current_stream()
+        while len(self.exposed) > LAG:
+            count, _ = self.exposed.popleft()
+            ack = np.empty(1, dtype=np.int64)
+            self.comm.Recv(ack, source=self.other, tag=_ACK)
+            if ack[0] != count:
+                raise RuntimeError(f"peer copies out of step: acknowledgement of {ack[0]}, "
+                                   f"expected {count}")
+            self.rt.streamWaitEvent(stream.ptr, self.their_copied[(count - 1) % SLOTS], 0)
+
+
+class _Pull:
+    """Steps 4 and 5 of one exchange: copy the other's region into a buffer of ours."""
+
+    def __init__(self, engine: PeerCopies, count: int, slot: int, source: int, nbytes: int):
+        self.engine, self.count, self.slot = engine, count, slot
+        self.source, self.nbytes = source, nbytes
+
+    def into(self, out, stream_ptr: int):
+        """Queue the copy into `out` (C-contiguous, exactly the other's bytes) on the stream
+        `stream_ptr`, after the other's region is ready; then acknowledge."""
+        e, rt = self.engine, self.engine.rt
+        if out.nbytes != self.nbytes:
+            raise ValueError(f"peer copy of {self.nbytes} bytes into a buffer of {out.nbytes}")
+        rt.streamWaitEvent(stream_ptr, e.their_ready[self.slot], 0)
+        if self.nbytes:
+            rt.memcpyAsync(out.data.ptr, self.source, self.nbytes, rt.memcpyDeviceToDevice,
+                           stream_ptr)
+        rt.eventRecord(e.copied[self.slot].ptr, stream_ptr)
+        e.comm.Send(np.array([self.count], dtype=np.int64), dest=e.other, tag=_ACK)
+
+
+def _same_host(comm) -> bool:
+    from mpi4py import MPI
+    name = np.zeros(256, dtype=np.uint8)
+    raw = MPI.Get_processor_name().encode()[:256]
+    name[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    other = np.empty_like(name)
+    comm.Sendrecv(name, dest=1 - comm.Get_rank(), sendtag=_DESCRIPTOR, recvbuf=other,
+                  source=1 - comm.Get_rank(), recvtag=_DESCRIPTOR)
+    return bool((name == other).all())
+
+
+def _agree(comm, flag: bool) -> bool:
+    from mpi4py import MPI
+    out = np.empty(1, dtype=np.int32)
+    comm.Allreduce(np.array([1 if flag else 0], dtype=np.int32), out, op=MPI.MIN)
+    return bool(out[0])
