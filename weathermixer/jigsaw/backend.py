@@ -160,7 +160,8 @@ class LocalGroup:
     def reduce_scatter_parts(self, parts, tag: str = "reduce_scatter"):
         return parts[0]
 
-    def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False):
+    def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False,
+                           kept: bool = False):
         """The one part is the whole array already (nothing in flight: returns None)."""
 
     def allgather_parts(self, x, tag: str = "allgather", overlap: bool = False):
@@ -322,10 +323,13 @@ class MPIGroup:
         """`reduce_scatter` begun now, its result taken by `.get()` (`InFlight`)."""
         return InFlight(MPIGroup.reduce_scatter(self, x, axis, sizes, tag))
 
-    def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False):
+    def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False,
+                           kept: bool = False):
         """flat [sum(sizes)], contiguous, holds this rank's part at its offset; every part is
-        written in place from its member. `overlap` is a hint that only `NCCLGroup` acts on
-        (it returns the event after which `flat` is whole; None: whole on return)."""
+        written in place from its member. `overlap` and `kept` are hints that only
+        `NCCLGroup` acts on (it returns the event after which `flat` is whole; None: whole on
+        return). `kept`: the caller keeps `flat` alive and writes this rank's part again only
+        after a later collective of this group (a parameter between optimizer steps)."""
         if self.size == 1:
             return
         t0 = time.perf_counter()
@@ -618,17 +622,18 @@ class NCCLGroup(MPIGroup):
         event = self._launch(tag, theirs.nbytes, collective, overlap)
         return InFlight(recv, event, keep=(full,), finish=lambda mine: xp.moveaxis(mine, 0, axis))
 
-    def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False):
+    def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False,
+                           kept: bool = False):
         """With `overlap`, on the side stream: complete after `wait()`. Equal parts gather in
         place (NCCL's in-place allgather: the send buffer is this rank's part of `flat`);
         unequal ones through a padded buffer, copied back on the same stream."""
         if self.size == 1 or not is_device_array(flat):
-            return super().allgather_in_place(flat, sizes, tag, overlap)
+            return super().allgather_in_place(flat, sizes, tag, overlap, kept)
         import cupy
         m, o = max(sizes), offsets(sizes)
         if self._peer_copies():  # the other member's part copied straight into `flat`
             mine, q = flat[o[self.rank]:o[self.rank + 1]], 1 - self.rank
-            pull = self._peer.begin(mine)
+            pull = self._peer.begin(mine, kept=kept)
             return self._launch(tag, mine.nbytes,
                                 lambda stream: pull.into(flat[o[q]:o[q + 1]], stream),
                                 overlap, keep=(flat,))

@@ -11,10 +11,14 @@ Every transfer is one `exchange`, made by both members in the same order: each e
 region of its device memory to the other and pulls the other's region into a buffer of its
 own. Exchange i, with event slot s = i mod SLOTS, on each member:
 
-  1. settle i - 2: receive the other's acknowledgement of it, and make the current stream wait
-     until the other's copy of our region has ended (its `copied` event). Only then is the
-     region released to the memory pool. (Settling one exchange late leaves the other's copy
-     time to end before the current stream gets there.)
+  1. settle the exchanges before i - LAG: for each, receive the other's acknowledgement and
+     make the current stream wait until the other's copy of our region has ended (its
+     `copied` event). Only then is the region released to the memory pool. Settling LAG
+     exchanges late leaves the other's copies time to end before the current stream gets
+     there. A `kept` region (a parameter, which its owner writes again only after a later
+     exchange of the group) is settled only when a later region that is not kept is, or
+     when event slots run short: the optimizer's gathers, one per parameter in quick
+     succession, then never make the current stream wait.
   2. record `ready[s]` on the current stream: from there on the region holds its values;
   3. swap descriptors with the other member over MPI: the IPC handle of the region's
      allocation, the region's offset in it and its bytes (a host wait for the other host);
@@ -24,8 +28,8 @@ own. Exchange i, with event slot s = i mod SLOTS, on each member:
 
 A member records an event slot again only after the other has queued its wait on the last
 record of that slot. For `ready` this holds by steps 1 and 5. For `copied` it holds because
-the other settles i before it swaps the descriptors of i + 2. The swap keeps the two members
-in lockstep, so SLOTS >= 3 suffices.
+the other settles i before it swaps the descriptors of i + SLOTS - 1 (at most SLOTS - 2
+exchanges stay unsettled), and the swap keeps the two members in lockstep.
 
 An allocation is mapped once (opening a handle took 3 to 4 ms) and kept mapped, looked up by
 its handle. A handle names one allocation, so a block that the pool freed and allocated again
@@ -39,8 +43,8 @@ import os
 
 import numpy as np
 
-SLOTS = 4
-LAG = 1  # exchanges left unsettled after the newest
+SLOTS = 64  # event slots: bounds the exchanges left unsettled (SLOTS - 2)
+LAG = 2  # exchanges always left unsettled
 PEER_COPIES_ENV = "WEATHERMIXER_PEER_COPIES"
 _DESCRIPTOR, _ACK = 7301, 7302  # MPI tags of the two messages
 _HANDLE_BYTES = 64
@@ -75,7 +79,7 @@ class PeerCopies:
         self.comm, self.other = comm, 1 - comm.Get_rank()
         self.mapped = {}  # the other's allocations: IPC handle -> pointer here
         self.count = 0  # exchanges begun
-        self.exposed = collections.deque()  # (exchange, region) not yet settled, oldest first
+        self.exposed = collections.deque()  # (exchange, region, kept), oldest first
 
     @classmethod
     def connect(cls, comm):
@@ -140,9 +144,9 @@ class PeerCopies:
         return out
 
     # -- one exchange ------------------------------------------------------------------
-    def begin(self, region) -> "_Pull":
-        """Steps 1 to 3 for `region` (a C-contiguous device array, exposed until the next
-        exchange settles it): returns what pulls the other's region."""
+    def begin(self, region, kept: bool = False) -> "_Pull":
+        """Steps 1 to 3 for `region` (a C-contiguous device array, exposed until a later
+        exchange settles it; `kept`: see step 1): returns what pulls the other's region."""
         self._settle()
         slot = self.count % SLOTS
         self.count += 1
@@ -160,7 +164,7 @@ class PeerCopies:
         if their_count != self.count:
             raise RuntimeError(f"peer copies out of step: exchange {self.count} here, "
                                f"{their_count} on rank {self.other}")
-        self.exposed.append((self.count, region))
+        self.exposed.append((self.count, region, kept))
         source = 0
         if their_bytes:
             source = self._map(bytes(theirs[:_HANDLE_BYTES])) + int(their_offset)
@@ -172,11 +176,13 @@ class PeerCopies:
         return self.mapped[handle]
 
     def _settle(self):
-        """Step 1 for every exchange but the last LAG: their regions may go back to the pool
-        after this."""
+        """Step 1: settle the oldest exchanges while one that is not kept waits beyond the
+        newest LAG, or while slots run short; their regions may go back to the pool after."""
         stream = self.cupy.cuda.get_current_stream()
-        while len(self.exposed) > LAG:
-            count, _ = self.exposed.popleft()
+        while len(self.exposed) > LAG and (
+                len(self.exposed) > SLOTS - 2
+                or any(not kept for _, _, kept in list(self.exposed)[:-LAG])):
+            count, _, _ = self.exposed.popleft()
             ack = np.empty(1, dtype=np.int64)
             self.comm.Recv(ack, source=self.other, tag=_ACK)
             if ack[0] != count:

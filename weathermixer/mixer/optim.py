@@ -167,7 +167,7 @@ class AdamW:
                          b1, b2, self.eps, decay)
             # every replica's updated part to every replica, beside the next part's update
             event = grid.data.allgather_in_place(flat, cut.sizes, tag="optimizer.gather",
-                                                 overlap=True)
+                                                 overlap=True, kept=True)  # a parameter
             if event is not None and isinstance(params, ParamsInFlight):
                 params.arriving[name] = InFlight(p, event)
         if not isinstance(params, ParamsInFlight):
