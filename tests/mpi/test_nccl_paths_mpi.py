@@ -8,6 +8,11 @@ the bookkeeping of the device paths: which bytes go where, padding of uneven par
 partner order of `PairwiseExchange`, the `finish` of an `InFlight`. The overlap itself (streams
 and events) runs only on the GPU machine (tests/test_gpu.py). The expected results are those
 of tests/mpi/test_backend_mpi.py, built from every rank's seed without the backend.
+
+The copy-engine paths of a pair (`jigsaw.peer`) run the same checks on 2 ranks through
+`FakeIpcRuntime`, which stands in for CUDA IPC: the descriptors, acknowledgements and
+settling of `PeerCopies` are the real ones; only the copy from the other GPU's memory is a
+swap of the exposed regions over MPI.
 """
 import ctypes
 import sys
@@ -19,7 +24,7 @@ from mpi4py import MPI
 
 from tests.mpi.harness import WORLD, assert_all
 from tests.mpi.test_backend_mpi import N, RANK, SIZES, error, expected, gather_in_place, inputs
-from weathermixer.jigsaw import backend
+from weathermixer.jigsaw import backend, peer
 from weathermixer.jigsaw.backend import MPIGroup, NCCLGroup
 
 
@@ -200,7 +205,6 @@ def test_device_paths_of_nccl_group(group):
     assert_all(group._in_flight == [] or group._pending, "buffers kept with nothing in flight")
 
 
-
 def test_without_cuda_ipc_a_pair_falls_back_to_nccl(group):
     """A pair group asks for copy-engine transfers on its first device collective
     (`jigsaw.peer.PeerCopies.connect`, collective); with no CUDA IPC here (no libcuda, a fake
@@ -210,3 +214,130 @@ def test_without_cuda_ipc_a_pair_falls_back_to_nccl(group):
     err = error(np.asarray(out), expected()["allgather"])
     assert_all(err < 1e-12 and group._peer_copies() is None and group._peer is False,
                f"fallback on {N} ranks: relative error {err}, engine {group._peer}")
+
+
+# ---- the copy-engine paths of a pair (jigsaw/peer.py) -------------------------------------
+PEER = 1 << 62  # "mapped" pointers of the other rank are tagged with this bit
+
+
+class FakeIpcRuntime:
+    """`cupy.cuda.runtime` for `jigsaw.peer` on host memory. A handle carries the owner's
+    address; opening it gives that address tagged with PEER. A copy from a tagged address
+    is carried out as a swap with the other rank of the region it last exposed (both members
+    pull at the same point of every exchange), any other copy as a memmove. Event records and
+    waits are logged, to check when the compute stream is made to wait."""
+    memcpyDeviceToDevice = 3
+
+    def __init__(self, comm):
+        self.comm, self.other, self.log, self.exposed_at = comm, 1 - comm.Get_rank(), [], None
+
+    def ipcGetEventHandle(self, ptr):
+        return int(ptr).to_bytes(64, "little")
+
+    def ipcOpenEventHandle(self, handle):
+        return ("theirs", int.from_bytes(handle, "little"))
+
+    def ipcGetMemHandle(self, ptr):
+        self.exposed_at = ptr  # the region of this exchange starts here
+        return int(ptr).to_bytes(64, "little")
+
+    def ipcOpenMemHandle(self, handle):
+        return int.from_bytes(handle, "little") | PEER
+
+    def eventRecord(self, event, stream):
+        self.log.append(("record", event))
+
+    def streamWaitEvent(self, stream, event, flags):
+        self.log.append(("wait", event))
+
+    def memcpyAsync(self, dst, src, nbytes, kind, stream):
+        if src & PEER:
+            wanted = np.empty(1, dtype=np.int64)  # what the other pulls from our region
+            self.comm.Sendrecv(np.array([nbytes]), self.other, 7399, wanted, self.other, 7399)
+            self.comm.Sendrecv(_at(self.exposed_at, int(wanted[0]), np.uint8), self.other, 7398,
+                               _at(dst, nbytes, np.uint8), self.other, 7398)
+        else:
+            ctypes.memmove(dst, src, nbytes)
+
+    def memcpy(self, dst, src, nbytes, kind):
+        self.memcpyAsync(dst, src, nbytes, kind, 0)
+
+
+class _Event:
+    count = 0
+
+    def __init__(self, **flags):
+        _Event.count += 1
+        self.ptr = 1000 + _Event.count
+
+
+@pytest.fixture
+def pair(group, monkeypatch):
+    """`group` whose pair paths run on `FakeIpcRuntime` (set up by its first collective)."""
+    cupy = sys.modules["cupy"]
+    runtime = FakeIpcRuntime(WORLD)
+    cupy.cuda.runtime, cupy.cuda.Event = runtime, _Event
+    cupy.cuda.Device = lambda: types.SimpleNamespace(synchronize=lambda: None)
+    cupy.full = lambda n, v, dtype: _dev(np.full(n, v, dtype))
+    cupy.float32 = np.float32
+    monkeypatch.setattr(peer, "_Driver", lambda: types.SimpleNamespace(allocation_of=int))
+    group._peer = None
+    return group, runtime
+
+
+def test_copy_engine_paths_of_a_pair(pair):
+    """On 2 ranks every device collective that moves blocks goes by `jigsaw.peer` and gives
+    the numbers of `expected()` (uneven parts unpadded, the reduce-scatter's add, the
+    pairwise exchange, the in-place gather); on 1 or 3 ranks there is no pair to set up."""
+    group, runtime = pair
+    want = expected()
+    want["parts_exchange_padded"] = want["parts_exchange"][..., :2]
+    calls = device_collectives(group)
+    own_filled = calls["allgather_parts"]  # by the copy engines the own slot is the caller's
+
+    def allgather_parts():
+        out = own_filled()
+        out[RANK] = inputs(RANK)["x"]
+        return out
+
+    calls["allgather_parts"] = allgather_parts
+    for name, call in calls.items():
+        out = call()
+        err = error(np.asarray(out), want[name])
+        assert_all(err < 1e-12, f"{name} on {N} ranks by the copy engines: error {err}")
+    engine = group._peer_copies()
+    assert_all((engine is not None) == (N == 2), f"engine on {N} ranks: {engine}")
+    if N == 2:
+        assert_all(engine.count >= 10 and len(engine.exposed) <= peer.LAG + 1,
+                   f"{engine.count} exchanges, {len(engine.exposed)} unsettled")
+
+
+def test_a_kept_region_makes_the_compute_stream_wait_only_when_a_later_one_settles(pair):
+    """The optimizer's in-place gathers (`kept`) come in quick succession: settling them one
+    by one would make the compute stream wait for each of the other GPU's copies. They stay
+    unsettled (no wait on the other's `copied` events) until an exchange of a region that is
+    not kept needs settling, and then they are settled in order before it."""
+    group, runtime = pair
+    if N != 2:
+        assert_all(group._peer_copies() is None)
+        return
+    flat = _dev(inputs(RANK)["flat"])
+    group.allgather(_dev(inputs(RANK)["block"]), 1, SIZES)  # sets up; one exchange
+    engine = group._peer_copies()
+
+    def copied_waits():
+        return [e for kind, e in runtime.log if kind == "wait" and e in engine.their_copied]
+
+    before = len(copied_waits())
+    for _ in range(peer.LAG + 5):
+        group.allgather_in_place(flat, SIZES, overlap=True, kept=True)
+    kept_waits = len(copied_waits()) - before
+    pending = len(engine.exposed)
+    for _ in range(peer.LAG + 2):  # regions that are not kept
+        group.allgather(_dev(inputs(RANK)["block"]), 1, SIZES)
+    settled = len(copied_waits()) - before
+    group.wait()
+    assert_all(kept_waits <= 1 and pending >= peer.LAG + 5 and settled >= peer.LAG + 5
+               and len(engine.exposed) <= peer.LAG + 1,
+               f"waits during kept gathers {kept_waits}, unsettled then {pending}, settled "
+               f"after {settled}, unsettled at the end {len(engine.exposed)}")

@@ -87,7 +87,7 @@ class PeerCopies:
         pull a test array from each other, else None on both."""
         if not _same_host(comm):
             return None
-        engine = cls(comm)
+        engine = cls(comm.Dup())  # its own messages: never matched by another user of `comm`
         return engine if _agree(comm, engine._set_up()) else None
 
     def _set_up(self) -> bool:
