@@ -16,15 +16,16 @@ own. Exchange i, with event slot s = i mod SLOTS, on each member:
      `copied` event). Only then is the region released to the memory pool. Settling LAG
      exchanges late leaves the other's copies time to end before the current stream gets
      there. A `kept` region (a parameter, which its owner writes again only after a later
-     exchange of the group) is settled only when a later region that is not kept is, or
-     when event slots run short: the optimizer's gathers, one per parameter in quick
-     succession, then never make the current stream wait.
+     exchange of the group) is settled at the next exchange of a region that is not kept,
+     or when event slots run short: the optimizer's gathers, one per parameter in quick
+     succession, then never make the current stream wait, and the next step's first
+     reduce-scatter settles them all (their copies ended long before).
   2. record `ready[s]` on the current stream: from there on the region holds its values;
   3. swap descriptors with the other member over MPI: the IPC handle of the region's
      allocation, the region's offset in it and its bytes (a host wait for the other host);
   4. on the stream given: wait for the other's `ready[s]`, copy its region into ours (copy
      engine), then record our `copied[s]`;
-  5. send the acknowledgement of exchange i: steps 4's wait and record are queued.
+  5. send the acknowledgement of exchange i: step 4's wait and record are queued.
 
 A member records an event slot again only after the other has queued its wait on the last
 record of that slot. For `ready` this holds by steps 1 and 5. For `copied` it holds because
@@ -147,7 +148,7 @@ class PeerCopies:
     def begin(self, region, kept: bool = False) -> "_Pull":
         """Steps 1 to 3 for `region` (a C-contiguous device array, exposed until a later
         exchange settles it; `kept`: see step 1): returns what pulls the other's region."""
-        self._settle()
+        self._settle(kept)
         slot = self.count % SLOTS
         self.count += 1
         stream = self.cupy.cuda.get_current_stream()
@@ -175,13 +176,21 @@ class PeerCopies:
             self.mapped[handle] = self.rt.ipcOpenMemHandle(handle)
         return self.mapped[handle]
 
-    def _settle(self):
-        """Step 1: settle the oldest exchanges while one that is not kept waits beyond the
-        newest LAG, or while slots run short; their regions may go back to the pool after."""
+    def _settle(self, kept: bool):
+        """Step 1 before an exchange of a region that is `kept` or not: settle the oldest
+        exchanges while a region that is not kept waits beyond the newest LAG, or slots run
+        short; before a region that is not kept, also while any kept one waits (a kept
+        region may be written after this exchange). Settled regions may go back to the
+        pool."""
         stream = self.cupy.cuda.get_current_stream()
-        while len(self.exposed) > LAG and (
-                len(self.exposed) > SLOTS - 2
-                or any(not kept for _, _, kept in list(self.exposed)[:-LAG])):
+
+        def due() -> bool:
+            waiting = list(self.exposed)
+            return (len(waiting) > SLOTS - 2
+                    or (len(waiting) > LAG and any(not k for _, _, k in waiting[:-LAG]))
+                    or (not kept and any(k for _, _, k in waiting)))
+
+        while self.exposed and due():
             count, _, _ = self.exposed.popleft()
             ack = np.empty(1, dtype=np.int64)
             self.comm.Recv(ack, source=self.other, tag=_ACK)
