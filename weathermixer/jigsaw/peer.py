@@ -172,6 +172,7 @@ class PeerCopies:
         return _Pull(self, self.count, slot, source, int(their_bytes))
 
     def _map(self, handle: bytes) -> int:
+        """The address here of the other's allocation named by `handle` (opened once)."""
         if handle not in self.mapped:
             self.mapped[handle] = self.rt.ipcOpenMemHandle(handle)
         return self.mapped[handle]
@@ -222,6 +223,7 @@ class _Pull:
 
 
 def _same_host(comm) -> bool:
+    """Whether both members of the pair run on one host (by MPI's processor name)."""
     from mpi4py import MPI
     name = np.zeros(256, dtype=np.uint8)
     raw = MPI.Get_processor_name().encode()[:256]
@@ -233,6 +235,7 @@ def _same_host(comm) -> bool:
 
 
 def _agree(comm, flag: bool) -> bool:
+    """True on every member where `flag` is true on every member (a collective MIN)."""
     from mpi4py import MPI
     out = np.empty(1, dtype=np.int32)
     comm.Allreduce(np.array([1 if flag else 0], dtype=np.int32), out, op=MPI.MIN)
