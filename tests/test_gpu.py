@@ -76,13 +76,11 @@ def test_two_gpus_equal_one_gpu(tmp_path, monkeypatch, layout, copies):
 def test_a_pair_of_gpus_moves_blocks_on_the_copy_engines(tmp_path):
     """`weathermixer bench` on 2x1 reports the domain pair's transfers on the copy engines
     (the CUDA IPC set-up succeeded on both ranks), and NCCL alone where they are turned off."""
-    from tests.test_mpi import run_under_mpi
     import os
-    args = ["-m", "weathermixer", "bench", "--device", "gpu", "--grid", "2x1", "--batch", "1",
-            "--n-lat", "8", "--n-lon", "16", "--n-prognostic", "5", "--n-static", "1",
-            "--patch-lat", "1", "--patch-lon", "4", "--embed-dim", "64", "--blocks", "2",
-            "--token-hidden-dim", "48", "--channel-hidden-dim", "96", "--steps", "2",
-            "--warmup", "1"]
+    from tests.test_bench_cli import SMALL
+    from tests.test_mpi import run_under_mpi
+    args = ["-m", "weathermixer", "bench", "--device", "gpu", "--grid", "2x1", "--batch",
+            "1"] + SMALL
     for setting, want in (("1", "copy engines"), ("0", "NCCL kernels")):
         out = tmp_path / f"bench-{setting}.json"
         proc = run_under_mpi(2, args + ["--json", str(out)], limit=300,

@@ -467,9 +467,23 @@ class NCCLGroup(MPIGroup):
         by the first collective that asks (both members ask at the same point); None where
         the group is larger, spans hosts, has no CUDA IPC, or WEATHERMIXER_PEER_COPIES=0."""
         if self._peer is None:
-            self._peer = (peer.PeerCopies.connect(self.comm) if self.size == 2 and peer.wanted()
+            self._peer = (peer.PeerCopies.connect(self) if self.size == 2 and peer.wanted()
                           else None) or False
         return self._peer or None
+
+    def _pair_copy(self, tag: str, region, into, overlap: bool, keep=(), kept: bool = False,
+                   then=None):
+        """One copy-engine exchange of the pair (`peer.PeerCopies`): expose `region` to the
+        other member and copy its region into `into`, then `then(stream)` on the same stream
+        (where given), on the stream `_launch` picks. Returns `_launch`'s event."""
+        pull = self._peer.begin(region, kept=kept)
+
+        def collective(stream):
+            pull.into(into, stream)
+            if then is not None:
+                then(stream)
+
+        return self._launch(tag, region.nbytes, collective, overlap, keep=keep)
 
     # -- helpers -------------------------------------------------------------------------
     def _dtype(self, x):
@@ -569,13 +583,9 @@ class NCCLGroup(MPIGroup):
         xp, r, q, o = get_array_module(x), self.rank, 1 - self.rank, offsets(sizes)
         mine = xp.ascontiguousarray(xp.moveaxis(x, axis, 0))  # [sizes[r], ...rest]
         full = xp.empty((o[-1],) + mine.shape[1:], dtype=x.dtype)  # [sum(sizes), ...rest]
-        pull = self._peer.begin(mine)
-
-        def collective(stream):
-            pull.into(full[o[q]:o[q + 1]], stream)
-            _copy_async(full[o[r]:o[r + 1]], mine, stream)
-
-        event = self._launch(tag, mine.nbytes, collective, overlap)
+        event = self._pair_copy(tag, mine, full[o[q]:o[q + 1]], overlap,
+                                then=lambda stream: _copy_async(full[o[r]:o[r + 1]], mine,
+                                                                stream))
         return InFlight(full, event, keep=(mine,), finish=lambda f: xp.moveaxis(f, 0, axis))
 
     def start_reduce_scatter(self, x, axis: int, sizes, tag: str = "reduce_scatter",
@@ -611,15 +621,12 @@ class NCCLGroup(MPIGroup):
         xp, r, q, o = get_array_module(x), self.rank, 1 - self.rank, offsets(sizes)
         full = xp.ascontiguousarray(xp.moveaxis(x, axis, 0))  # [sum(sizes), ...rest]
         recv = xp.empty((sizes[r],) + full.shape[1:], dtype=x.dtype)  # [sizes[r], ...rest]
-        theirs = full[o[q]:o[q + 1]]
-        pull = self._peer.begin(theirs)
 
-        def collective(stream):
-            pull.into(recv, stream)
+        def add_ours(stream):
             with cupy.cuda.ExternalStream(stream):
                 cupy.add(recv, full[o[r]:o[r + 1]], out=recv)
 
-        event = self._launch(tag, theirs.nbytes, collective, overlap)
+        event = self._pair_copy(tag, full[o[q]:o[q + 1]], recv, overlap, then=add_ours)
         return InFlight(recv, event, keep=(full,), finish=lambda mine: xp.moveaxis(mine, 0, axis))
 
     def allgather_in_place(self, flat, sizes, tag: str = "allgather", overlap: bool = False,
@@ -632,11 +639,9 @@ class NCCLGroup(MPIGroup):
         import cupy
         m, o = max(sizes), offsets(sizes)
         if self._peer_copies():  # the other member's part copied straight into `flat`
-            mine, q = flat[o[self.rank]:o[self.rank + 1]], 1 - self.rank
-            pull = self._peer.begin(mine, kept=kept)
-            return self._launch(tag, mine.nbytes,
-                                lambda stream: pull.into(flat[o[q]:o[q + 1]], stream),
-                                overlap, keep=(flat,))
+            r, q = self.rank, 1 - self.rank
+            return self._pair_copy(tag, flat[o[r]:o[r + 1]], flat[o[q]:o[q + 1]], overlap,
+                                   keep=(flat,), kept=kept)
         if all(s == m for s in sizes):
             send, recv, keep = flat[o[self.rank]:o[self.rank + 1]], flat, (flat,)
         else:
@@ -663,9 +668,7 @@ class NCCLGroup(MPIGroup):
         send = xp.ascontiguousarray(x)
         recv = xp.empty((self.size,) + send.shape, dtype=send.dtype)
         if self._peer_copies():  # the own slot is left unset: the caller holds its block
-            pull = self._peer.begin(send)
-            self._launch(tag, send.nbytes, lambda stream: pull.into(recv[1 - self.rank], stream),
-                         overlap, keep=(send, recv))
+            self._pair_copy(tag, send, recv[1 - self.rank], overlap, keep=(send, recv))
             return recv
         self._launch(tag, send.nbytes * (self.size - 1),
                      lambda stream: self.nccl.allGather(send.data.ptr, recv.data.ptr, send.size,
@@ -739,9 +742,7 @@ class PairwiseExchange(PartsExchange):
         send = get_array_module(self.store).ascontiguousarray(self.store[p])
         recv, dtype = self.received[s - 1], g._dtype(send)
         if g._peer_copies():
-            pull = g._peer.begin(send)
-            g._launch(self.tag, send.nbytes, lambda stream: pull.into(recv, stream),
-                      overlap=True, keep=(send, self.received))
+            g._pair_copy(self.tag, send, recv, overlap=True, keep=(send, self.received))
             return
 
         def exchange(stream):

@@ -72,24 +72,27 @@ class _Driver:
 
 
 class PeerCopies:
-    """Copy-engine exchanges with the other member of a 2-rank MPI communicator. Build it
-    with `connect` (collective): None where the two ranks are on different hosts or a test
-    transfer fails on either."""
+    """Copy-engine exchanges with the other member of a 2-rank group (`backend.MPIGroup`).
+    Build it with `connect` (collective): None where the two ranks are on different hosts
+    or a test transfer fails on either."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, agree):
         self.comm, self.other = comm, 1 - comm.Get_rank()
+        self.agree = agree  # the group's collective decision (MIN of a flag)
         self.mapped = {}  # the other's allocations: IPC handle -> pointer here
         self.count = 0  # exchanges begun
         self.exposed = collections.deque()  # (exchange, region, kept), oldest first
 
     @classmethod
-    def connect(cls, comm):
-        """Collective over the pair: the engine where both members could set it up and
-        pull a test array from each other, else None on both."""
-        if not _same_host(comm):
+    def connect(cls, group):
+        """Collective over the pair `group`: the engine where both members are on one host,
+        could set it up and pulled a test array from each other, else None on both."""
+        from weathermixer.jigsaw.grid import node_placement  # grid imports the backend
+        if node_placement(group.comm)[1] != group.size:
             return None
-        engine = cls(comm.Dup())  # its own messages: never matched by another user of `comm`
-        return engine if _agree(comm, engine._set_up()) else None
+        # its own communicator: its messages are never matched by another user of the group's
+        engine = cls(group.comm.Dup(), group.agree)
+        return engine if group.agree(engine._set_up()) else None
 
     def _set_up(self) -> bool:
         """Make and swap the event handles, then a test transfer. Every MPI message is sent
@@ -113,7 +116,7 @@ class PeerCopies:
             self.their_ready, self.their_copied = events[:SLOTS], events[SLOTS:]
         except Exception:
             ok = False
-        return _agree(self.comm, ok) and self._test_transfer()
+        return self.agree(ok) and self._test_transfer()
 
     def _test_transfer(self) -> bool:
         """Pull a small array of the other's: True where its values arrived, on both."""
@@ -135,7 +138,7 @@ class PeerCopies:
         except Exception:
             ok = False
         cp.cuda.Device().synchronize()
-        return _agree(self.comm, ok)  # both copies have ended: `mine` may go
+        return self.agree(ok)  # both copies have ended: `mine` may go
 
     def _swap(self, payload: np.ndarray) -> np.ndarray:
         """The other member's payload of the same size, for ours (a host wait)."""
@@ -221,22 +224,3 @@ class _Pull:
         rt.eventRecord(e.copied[self.slot].ptr, stream_ptr)
         e.comm.Send(np.array([self.count], dtype=np.int64), dest=e.other, tag=_ACK)
 
-
-def _same_host(comm) -> bool:
-    """Whether both members of the pair run on one host (by MPI's processor name)."""
-    from mpi4py import MPI
-    name = np.zeros(256, dtype=np.uint8)
-    raw = MPI.Get_processor_name().encode()[:256]
-    name[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-    other = np.empty_like(name)
-    comm.Sendrecv(name, dest=1 - comm.Get_rank(), sendtag=_DESCRIPTOR, recvbuf=other,
-                  source=1 - comm.Get_rank(), recvtag=_DESCRIPTOR)
-    return bool((name == other).all())
-
-
-def _agree(comm, flag: bool) -> bool:
-    """True on every member where `flag` is true on every member (a collective MIN)."""
-    from mpi4py import MPI
-    out = np.empty(1, dtype=np.int32)
-    comm.Allreduce(np.array([1 if flag else 0], dtype=np.int32), out, op=MPI.MIN)
-    return bool(out[0])
