@@ -112,13 +112,47 @@ def set_matmul_precision(xp, precision: str) -> None:
 _KERNELS: dict = {}
 
 
-def elementwise_kernel(name: str, in_params: str, out_params: str, body: str):
-    """A cached CuPy ElementwiseKernel: one pass over memory for a fused elementwise formula.
-    Callers keep the same formula in numpy beside it for host arrays (and the GPU tests
-    compare the two in float64)."""
+def elementwise_kernel(name: str, in_params: str, out_params: str, body: str,
+                       preamble: str = ""):
+    """A cached CuPy ElementwiseKernel: one pass over memory for a fused elementwise formula
+    (`preamble`: CUDA C device functions the body calls). Callers keep the same formula in
+    numpy beside it for host arrays (and the GPU tests compare the two in float64)."""
     if name not in _KERNELS:
-        _KERNELS[name] = _cupy.ElementwiseKernel(in_params, out_params, body, name)
+        _KERNELS[name] = _cupy.ElementwiseKernel(in_params, out_params, body, name,
+                                                 preamble=preamble)
     return _KERNELS[name]
+
+
+_C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def raw_kernel(name: str, source: str, dtype=np.float32, defines: dict | None = None):
+    """A cached CuPy RawKernel: the function `name` of the CUDA C `source`, compiled with T the
+    C type of `dtype` and `defines` as preprocessor constants. For work an elementwise
+    formula cannot express (a row's reductions in registers); the caller keeps the numpy form
+    of the same formulas beside it, and the GPU tests compare the two in float64."""
+    defines = dict(defines or {})
+    key = (name, np.dtype(dtype).name, tuple(sorted(defines.items())))
+    if key not in _KERNELS:
+        head = f"typedef {_C_TYPES[np.dtype(dtype)]} T;\n" + "".join(
+            f"#define {k} {v}\n" for k, v in sorted(defines.items()))
+        _KERNELS[key] = _cupy.RawKernel(head + source, name)
+    return _KERNELS[key]
+
+
+def multiprocessors() -> int:
+    """The current GPU's streaming multiprocessors."""
+    return _cupy.cuda.Device().attributes["MultiProcessorCount"]
+
+
+def resident_blocks(kernel, threads: int) -> int:
+    """About how many blocks of `threads` threads of a RawKernel one multiprocessor holds at
+    once, from the kernel's registers per thread and its block's threads (at least 1)."""
+    regs = max(1, kernel.attributes.get("num_regs", 128))
+    device = _cupy.cuda.Device().attributes
+    by_threads = device.get("MaxThreadsPerMultiProcessor", 2048) // threads
+    by_registers = device.get("MaxRegistersPerMultiprocessor", 65536) // (regs * threads)
+    return max(1, min(by_threads, by_registers, device.get("MaxBlocksPerMultiprocessor", 16)))
 
 
 _ROW = 1 << 16  # elements per row of a device sum of squares (see sum_of_squares)

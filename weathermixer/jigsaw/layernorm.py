@@ -4,6 +4,8 @@ The serial `autograd.layernorm` names its four reductions (two in forward, two p
 one in backward); here each is completed by an allreduce-sum over `channel`, and every
 division uses the global length `count` of the axis (E, P or 2P), never the local one.
 Forward is the two-pass form (sum, then sum of squared deviations): no cancellation in float32.
+Where `channel` is one rank the axis is whole here and no allreduce is passed, which on GPUs
+lets a last-axis LN take the fused row kernels (`autograd.layernorm_rows`).
 
     u [B, T_loc, E_loc] (or [B, P_loc, rows_loc, W] for the head, axis=1):
     E (or P) cut over `channel`; scale, bias [E_loc]: replicated over `domain`, whose gradient
@@ -22,7 +24,8 @@ def layernorm_forward(u, scale, bias, grid, axis: int, count: int):
     def allreduce(partial):
         return ops.allreduce_sum(partial, group, tag="layernorm")
 
-    return serial.layernorm_forward(u, scale, bias, axis=axis, count=count, allreduce=allreduce)
+    return serial.layernorm_forward(u, scale, bias, axis=axis, count=count,
+                                    allreduce=allreduce if group.size > 1 else None)
 
 
 layernorm_backward = serial.layernorm_backward
