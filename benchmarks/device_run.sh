@@ -2,7 +2,7 @@
 # Everything measured on the lent GPU machine in one call (see docs/benchmarks.md):
 #   bash benchmarks/device_run.sh [quick|full|kernels|capacity|nccl]   (logs and JSON under $OUT)
 # full: GPU tests, then ours against PyTorch on one GPU and the 2-GPU layouts; kernels: the
-# per-kernel tables; capacity: the largest one-GPU model, and twice it on two GPUs; nccl: the
+# per-kernel tables and the fused kernels against what they replaced; capacity: the largest one-GPU model, and twice it on two GPUs; nccl: the
 # 2-GPU timelines, and the 2-GPU benches with NCCL held to fewer channels (SMs).
 # The machine's python3 has numpy, h5py, click, mpi4py, cupy and torch; nothing is downloaded.
 set -uo pipefail
@@ -18,6 +18,7 @@ MPI="mpiexec --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x PYTHONUN
 if [ "$mode" = kernels ]; then
   run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_profile.py --model c1
   run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_kernels.py --model c1 --top 25
+  run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_fused.py
   exit 0
 fi
 if [ "$mode" = nccl ]; then

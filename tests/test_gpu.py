@@ -118,25 +118,33 @@ def test_fused_adamw_equals_the_numpy_formula(dtype, n, offset, tol):
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
-@pytest.mark.parametrize("shape", [(3, 41, 1), (3, 41, 7), (2, 500, 4327), (601, 8192)])
-def test_fused_layernorm_rows_equal_the_numpy_formula(shape, dtype, tol):
-    """The row kernels (`autograd.layernorm_rows`) against numpy float64: rows of one element,
-    rows shorter than a warp, several elements per thread with blocks of several rows and a
-    shorter last one, and the longest row they take; backward with and without `plus`. (A row
-    of one element has no variance: rstd = 1 / sqrt(eps) scales float32's rounding of
-    dy scale - R1 to 3e-5 there, so that case runs in float64 only.)"""
-    if shape[-1] == 1 and dtype == np.float32:
+@pytest.mark.parametrize("shape, axis", [((3, 41, 1), -1), ((3, 41, 7), -1), ((2, 500, 4327), -1),
+                                         ((601, 8192), -1), ((3, 5, 7, 11), 1), ((37, 5, 6), 0),
+                                         ((2, 138, 33, 61), 1), ((1, 23, 700, 450), 1)],
+                         ids=["rows-of-one", "rows-under-a-warp", "rows-several-per-block",
+                              "rows-longest", "columns", "columns-axis-0", "columns-138",
+                              "columns-more-than-one-wave"])
+def test_fused_layernorm_equals_the_numpy_formula(shape, axis, dtype, tol):
+    """The fused kernels (`autograd.layernorm_fused`) against numpy float64. Rows (the last
+    axis): one element, fewer than a warp, several elements per thread with blocks of several
+    rows and a shorter last one, the longest row they take. Columns (an inner axis): odd
+    sizes, the first axis, 138 channels as the head's second norm, and more positions than
+    one wave of blocks. Backward with and without `plus`. (A row of one element has no
+    variance: rstd = 1 / sqrt(eps) scales float32's rounding of dy scale - R1 to 3e-5 there,
+    so that case runs in float64 only.)"""
+    if shape[axis] == 1 and dtype == np.float32:
         pytest.skip("float32 rounding scaled by 1 / sqrt(eps): checked in float64")
-    from weathermixer.autograd import layernorm_rows
+    from weathermixer.autograd import layernorm_fused as fused
     from weathermixer.autograd.layernorm import layernorm_backward, layernorm_forward
     cp = module("cupy")
     rng = np.random.default_rng(5)
     u, dout, plus = (rng.standard_normal(shape) * 3 + 1 for _ in range(3))
-    scale, bias = rng.standard_normal(shape[-1]), rng.standard_normal(shape[-1])
+    c = shape[axis]
+    scale, bias = rng.standard_normal(c), rng.standard_normal(c)
     dev = [cp.asarray(a, dtype=dtype) for a in (u, scale, bias, dout, plus)]
-    assert layernorm_rows.applies(dev[0], -1, shape[-1])
-    out, cache = layernorm_forward(u, scale, bias)
-    d_out, d_cache = layernorm_forward(*dev[:3])
+    assert (fused.rows_apply if axis == -1 else fused.columns_apply)(dev[0], axis, c)
+    out, cache = layernorm_forward(u, scale, bias, axis)
+    d_out, d_cache = layernorm_forward(*dev[:3], axis)
     assert d_cache[-1] is None and d_out.dtype == dtype
     for p in (None, plus):
         want = layernorm_backward(dout, cache, p)
@@ -144,8 +152,15 @@ def test_fused_layernorm_rows_equal_the_numpy_formula(shape, dtype, tol):
         for g, w in zip((d_out, d_cache[0], d_cache[1]) + got, (out, cache[0], cache[1]) + want):
             assert g.shape == w.shape and g.dtype == dtype
             assert np.abs(cp.asnumpy(g) - w).max() <= tol * max(1.0, np.abs(w).max())
-    assert not layernorm_rows.applies(cp.zeros((2, layernorm_rows.MAX_COLS + 1)), -1,
-                                      layernorm_rows.MAX_COLS + 1)
+
+
+def test_layernorms_too_long_for_the_fused_kernels_are_not_given_to_them():
+    from weathermixer.autograd import layernorm_fused as fused
+    cp = module("cupy")
+    assert not fused.rows_apply(cp.zeros((2, fused.MAX_COLS + 1)), -1, fused.MAX_COLS + 1)
+    assert fused.columns_apply(cp.zeros((2, 384, 3)), 1, 384)
+    assert not fused.columns_apply(cp.zeros((2, 385, 3)), 1, 385)  # float64: 8 x 2 x 385 x 8 B
+    assert not fused.rows_apply(cp.zeros((2, 8)), -1, 16)  # a cut axis: its count is global
 
 
 @pytest.mark.skipif(not cupy_available() or module("cupy").cuda.runtime.getDeviceCount() < 4,

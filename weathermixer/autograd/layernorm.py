@@ -6,8 +6,8 @@ Forward makes two reductions over the normalised axis, backward two more (llm.c'
 `layernorm_backward`); each is a local partial sum passed through `allreduce`, which is the
 identity for an unsharded axis and a sum over the `channel` group in `jigsaw.layernorm`.
 `count` is the *global* length of the axis: every division uses it, never the local length.
-`allreduce=None` says the axis is whole on this rank; on GPUs a contiguous last axis then takes
-the fused row kernels of `autograd.layernorm_rows` (a row read once per pass).
+`allreduce=None` says the axis is whole on this rank; on GPUs the LN then runs in the fused
+kernels of `autograd.layernorm_fused` (the last axis as rows, a short inner one as columns).
 
     forward:   S1 = sum(u)                  mean = S1 / n
                S2 = sum((u - mean)^2)       var  = S2 / n          (two-pass: no cancellation)
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from weathermixer.autograd import layernorm_rows
+from weathermixer.autograd import layernorm_fused as fused
 from weathermixer.autograd.linear import sum_except
 from weathermixer.autograd.xp import (GRAIN, elementwise_kernel, get_array_module,
                                       is_device_array, parallel_ranges)
@@ -50,8 +50,8 @@ def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
     xp = get_array_module(u)
     axis = axis % u.ndim
     n = u.shape[axis] if count is None else count
-    if allreduce is None and layernorm_rows.applies(u, axis, n):
-        xhat, out, rstd = layernorm_rows.forward(u, scale, bias, EPS)
+    if allreduce is None and _fuses(u, axis, n):
+        xhat, out, rstd = fused.forward(u, scale, bias, EPS, axis)
         return out, (xhat, rstd, scale, axis, n, None)
     allreduce = allreduce or _identity
     mean = allreduce(_sum_along(u, axis)) / n  # reduction S1; [.., 1, ..]
@@ -59,6 +59,11 @@ def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
     rstd = 1.0 / xp.sqrt(var + EPS)  # [.., 1, ..]
     xhat, out = _normalise(u, mean, rstd, _along(scale, u.ndim, axis), _along(bias, u.ndim, axis))
     return out, (xhat, rstd, scale, axis, n, allreduce)
+
+
+def _fuses(u, axis: int, n: int) -> bool:
+    """True where `autograd.layernorm_fused` computes this LN (device arrays only)."""
+    return fused.rows_apply(u, axis, n) or fused.columns_apply(u, axis, n)
 
 
 def _dot_along(a, v, axis: int):
@@ -147,8 +152,8 @@ def layernorm_backward(dout, cache, plus=None):
     xhat, rstd, scale, axis, n, allreduce = cache
     xp = get_array_module(dout)
     dout = xp.ascontiguousarray(dout)  # one copy of a transposed view, then unit-stride passes
-    if allreduce is None and layernorm_rows.applies(dout, axis, n) and xhat.flags.c_contiguous:
-        return layernorm_rows.backward(dout, xhat, rstd, scale, plus)
+    if allreduce is None and _fuses(dout, axis, n) and xhat.flags.c_contiguous:
+        return fused.backward(dout, xhat, rstd, scale, axis, plus)
     allreduce = allreduce or _identity
     s = _along(scale, dout.ndim, axis)
     if _rows(dout, axis):

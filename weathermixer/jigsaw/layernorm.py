@@ -5,7 +5,7 @@ one in backward); here each is completed by an allreduce-sum over `channel`, and
 division uses the global length `count` of the axis (E, P or 2P), never the local one.
 Forward is the two-pass form (sum, then sum of squared deviations): no cancellation in float32.
 Where `channel` is one rank the axis is whole here and no allreduce is passed, which on GPUs
-lets a last-axis LN take the fused row kernels (`autograd.layernorm_rows`).
+lets the LN run in fused kernels (`autograd.layernorm_fused`).
 
     u [B, T_loc, E_loc] (or [B, P_loc, rows_loc, W] for the head, axis=1):
     E (or P) cut over `channel`; scale, bias [E_loc]: replicated over `domain`, whose gradient
