@@ -117,14 +117,14 @@ def adamw_update(p, m, v, g, s, b1, b2, eps, decay):
     """In place: m, v <- the moments of the clipped gradient g * s[0]; p <- the AdamW step with
     lr / c1 = s[1] and c2 = s[2], only where s[3] (applied) is 1. s [4] is `step_scalars`'s,
     in p's dtype. One fused pass over (p, m, v, g) on GPUs, one `update` formula in two
-    kernels: four float32 elements a load where all four arrays are 1-D and 16-byte aligned
-    (4.17 TB/s on an H200 against 3.34, docs/benchmarks.md), else CuPy's elementwise loop; the
-    same formula in numpy on CPUs."""
+    kernels: four elements a load where all four arrays are 1-D, float32 and 16-byte aligned
+    (4.17 TB/s on an H200 against 3.34, docs/benchmarks.md), else CuPy's elementwise loop;
+    the same formula in numpy on CPUs."""
     if is_device_array(p):
         t, n = p.dtype.type, p.size
         arrays = (p, m, v, g)
-        if p.dtype == np.float32 and all(a.ndim == 1 and a.flags.c_contiguous
-                                         and a.data.ptr % 16 == 0 for a in arrays):
+        if all(a.dtype == np.float32 and a.ndim == 1 and a.flags.c_contiguous
+               and a.data.ptr % 16 == 0 for a in arrays):
             threads = max(n // 4, n % 4)
             raw_kernel("wm_adamw4", _ADAMW_FOUR, np.float32)(
                 (max(1, -(-threads // _THREADS)),), (_THREADS,),
