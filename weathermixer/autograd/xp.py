@@ -5,6 +5,8 @@ serves host (numpy) and device (CuPy) arrays. Host transfers go through `to_host
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 try:  # CuPy is optional: the package runs on numpy alone.
@@ -140,19 +142,34 @@ def raw_kernel(name: str, source: str, dtype=np.float32, defines: dict | None = 
     return _KERNELS[key]
 
 
+@functools.lru_cache(maxsize=None)
+def _device_attributes(device: int) -> dict:
+    """CUDA's attributes of GPU `device` (CuPy queries each of them anew on every call)."""
+    return _cupy.cuda.Device(device).attributes
+
+
 def multiprocessors() -> int:
     """The current GPU's streaming multiprocessors."""
-    return _cupy.cuda.Device().attributes["MultiProcessorCount"]
+    return _device_attributes(_cupy.cuda.Device().id)["MultiProcessorCount"]
+
+
+_RESIDENT: dict = {}
 
 
 def resident_blocks(kernel, threads: int) -> int:
-    """About how many blocks of `threads` threads of a RawKernel one multiprocessor holds at
-    once, from the kernel's registers per thread and its block's threads (at least 1)."""
-    regs = max(1, kernel.attributes.get("num_regs", 128))
-    device = _cupy.cuda.Device().attributes
-    by_threads = device.get("MaxThreadsPerMultiProcessor", 2048) // threads
-    by_registers = device.get("MaxRegistersPerMultiprocessor", 65536) // (regs * threads)
-    return max(1, min(by_threads, by_registers, device.get("MaxBlocksPerMultiprocessor", 16)))
+    """About how many blocks of `threads` threads of a RawKernel (one of `raw_kernel`'s, which
+    live as long as the process) one multiprocessor holds at once, from the kernel's registers
+    per thread and its block's threads (at least 1). Worked out once per kernel and size."""
+    device = _cupy.cuda.Device().id
+    key = (id(kernel), threads, device)
+    if key not in _RESIDENT:
+        regs = max(1, kernel.attributes.get("num_regs", 128))
+        limits = _device_attributes(device)
+        by_threads = limits.get("MaxThreadsPerMultiProcessor", 2048) // threads
+        by_registers = limits.get("MaxRegistersPerMultiprocessor", 65536) // (regs * threads)
+        _RESIDENT[key] = max(1, min(by_threads, by_registers,
+                                    limits.get("MaxBlocksPerMultiprocessor", 16)))
+    return _RESIDENT[key]
 
 
 _ROW = 1 << 16  # elements per row of a device sum of squares (see sum_of_squares)
