@@ -154,13 +154,27 @@ def test_fused_layernorm_equals_the_numpy_formula(shape, axis, dtype, tol):
             assert np.abs(cp.asnumpy(g) - w).max() <= tol * max(1.0, np.abs(w).max())
 
 
-def test_layernorms_too_long_for_the_fused_kernels_are_not_given_to_them():
+def test_layernorms_too_long_for_the_fused_kernels_take_the_unfused_path():
+    """Rows longer than MAX_COLS and columns whose warp sums overflow SHARED_BYTES are not
+    given to the fused kernels (nor an axis whose global count differs: a cut one), and the
+    unfused path still computes them: forward and backward equal numpy in float64."""
     from weathermixer.autograd import layernorm_fused as fused
+    from weathermixer.autograd.layernorm import layernorm_backward, layernorm_forward
     cp = module("cupy")
-    assert not fused.rows_apply(cp.zeros((2, fused.MAX_COLS + 1)), -1, fused.MAX_COLS + 1)
     assert fused.columns_apply(cp.zeros((2, 384, 3)), 1, 384)
-    assert not fused.columns_apply(cp.zeros((2, 385, 3)), 1, 385)  # float64: 8 x 2 x 385 x 8 B
     assert not fused.rows_apply(cp.zeros((2, 8)), -1, 16)  # a cut axis: its count is global
+    rng = np.random.default_rng(9)
+    for shape, axis in (((2, fused.MAX_COLS + 1), -1), ((2, 385, 3), 1)):  # 8 x 2 x 385 x 8 B
+        u, dout = rng.standard_normal(shape), rng.standard_normal(shape)
+        c = shape[axis]
+        scale, bias = rng.standard_normal(c), rng.standard_normal(c)
+        dev = [cp.asarray(a) for a in (u, scale, bias, dout)]
+        assert not (fused.rows_apply(dev[0], axis, c) or fused.columns_apply(dev[0], axis, c))
+        out, cache = layernorm_forward(u, scale, bias, axis)
+        d_out, d_cache = layernorm_forward(*dev[:3], axis)
+        for g, w in zip((d_out,) + layernorm_backward(dev[3], d_cache),
+                        (out,) + layernorm_backward(dout, cache)):
+            assert np.abs(cp.asnumpy(g) - w).max() <= 1e-12 * max(1.0, np.abs(w).max())
 
 
 @pytest.mark.skipif(not cupy_available() or module("cupy").cuda.runtime.getDeviceCount() < 4,
