@@ -84,6 +84,32 @@ def optimizer_states(path) -> dict:
                 for s in ("m", "v") for name in wm.load_checkpoint(path)[0]}
 
 
+def test_each_step_on_the_host_is_timed_by_its_own_work(tmp_path, monkeypatch):
+    """With one step in flight, a host step's work is done when it is queued, so each record's
+    seconds must cover its own step: every step is made 0.05 s longer, the last one too (whose
+    seconds once covered only the read-back after the step before, about 0)."""
+    import time
+    from weathermixer.io.synthetic import SyntheticSource
+    from weathermixer.mixer import train as training
+    from weathermixer.mixer.api import serial_layout
+    cfg = wm.Config(n_lat=10, n_lon=12, n_prognostic=5, n_static=2, patch_lat=2, patch_lon=4,
+                    embed_dim=13, token_hidden_dim=7, channel_hidden_dim=9, n_blocks=2)
+    real = training.loss_array_and_grads
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "loss_array_and_grads", slow)
+    source = SyntheticSource(cfg.n_lat, cfg.n_lon, cfg.n_prognostic, cfg.n_static, n_time=24,
+                             seed=0)
+    settings = training.TrainSettings(steps=4, batch=2, checkpoint_every=2, log_every=100,
+                                      out_dir=str(tmp_path))
+    history = training.train(cfg, serial_layout(cfg), source, settings)
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert all(r["seconds"] >= 0.05 for r in history), [r["seconds"] for r in history]
+
+
 def test_a_checkpoint_between_steps_holds_its_step_not_the_one_in_flight(tmp_path, monkeypatch):
     """The loop queues step n + 1 before it reads step n back; a checkpoint due after step 2
     of 3 must still hold what a run of 2 steps ends with (parameters, moments, step count)."""

@@ -173,18 +173,22 @@ def train(cfg, layout, source, settings: TrainSettings, xp=np, resume: str | Non
         loss, grads = loss_array_and_grads(params, x, target, cfg, rollout=k,
                                            lat_weights=lat_w, layout=layout,
                                            cut_over_data=True)  # each replica's part
-        return step, k, {"loss": loss, **opt.step(params, grads, layout)}
+        stats = {"loss": loss, **opt.step(params, grads, layout)}
+        done_at = time.perf_counter() if xp is np else None  # host arrays: the step is done
+        return step, k, stats, done_at
 
     history, done, last_read = [], start, time.perf_counter()
 
     def finish(queued: tuple):
-        """Read a queued step's numbers back (the wait for the device) and log them; its
-        seconds run from the read-back before it, so they are the steady step time."""
+        """Read a queued step's numbers back (the wait for the device) and log them. Its
+        seconds run from the end of the step before it: on a device, each end is the
+        read-back, so they are the steady step time; on the host, where a step's work is
+        done when it is queued, each end is the moment it was."""
         nonlocal done, last_read
-        step, k, stats = queued
+        step, k, stats, done_at = queued
         stats = read_back(stats)
         stats["skipped"] = bool(stats["skipped"])
-        now = time.perf_counter()
+        now = time.perf_counter() if done_at is None else done_at
         record = {"step": step + 1, **stats, "rollout": k, "seconds": now - last_read}
         last_read, done = now, step + 1
         history.append(record)
