@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from weathermixer.autograd import layernorm_fused as fused
-from weathermixer.autograd.linear import sum_except
+from weathermixer.autograd.linear import around_axis, sum_except
 from weathermixer.autograd.xp import (GRAIN, elementwise_kernel, get_array_module,
                                       is_device_array, parallel_ranges)
 
@@ -72,12 +72,11 @@ def _dot_along(a, v, axis: int):
     speed (numpy's row sums and CuPy's reduction kernels reach a fraction of it here)."""
     xp = get_array_module(a)
     a = xp.ascontiguousarray(a)
-    lead = int(np.prod(a.shape[:axis], dtype=np.int64))
-    a3 = a.reshape(lead, a.shape[axis], -1)  # [lead, C, inner]
+    a3 = a.reshape(around_axis(a.shape, axis))  # [lead, C, inner]
     if a3.shape[-1] == 1:  # the last axis: one product over all rows
         out = a3[..., 0] @ v  # [lead]
     else:
-        out = xp.stack([v @ a3[i] for i in range(lead)])  # [lead, inner]
+        out = xp.stack([v @ a3[i] for i in range(a3.shape[0])])  # [lead, inner]
     return out.reshape(a.shape[:axis] + (1,) + a.shape[axis + 1:])
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from weathermixer.autograd.linear import around_axis
 from weathermixer.autograd.xp import (get_array_module, is_device_array, multiprocessors,
                                       raw_kernel, resident_blocks)
 
@@ -249,18 +250,12 @@ def columns_apply(u, axis: int, count: int) -> bool:
             and 0 < 2 * c * (COLUMN_THREADS // 32) * u.itemsize <= SHARED_BYTES)
 
 
-def _shapes(u, axis: int):
-    """(lead, C, inner) of u around `axis`."""
-    lead = int(np.prod(u.shape[:axis], dtype=np.int64))
-    return lead, u.shape[axis], int(np.prod(u.shape[axis + 1:], dtype=np.int64))
-
-
 def forward(u, scale, bias, eps: float, axis: int):
     """(xhat, out, rstd) of a LayerNorm over `axis` (rows: the last; columns: an inner one):
     xhat and out shaped like u, rstd like u with `axis` of length 1. scale, bias [C]."""
     xp = get_array_module(u)
     axis = axis % u.ndim
-    lead, c, inner = _shapes(u, axis)
+    lead, c, inner = around_axis(u.shape, axis)
     xhat, out = xp.empty_like(u), xp.empty_like(u)  # like u, each
     rstd = xp.empty(u.shape[:axis] + (1,) + u.shape[axis + 1:], dtype=u.dtype)
     scale, bias = (xp.ascontiguousarray(a, dtype=u.dtype) for a in (scale, bias))
@@ -284,7 +279,7 @@ def backward(dout, xhat, rstd, scale, axis: int, plus=None):
     is given. dout, xhat C-contiguous; dscale and dbias are sums over this rank's part only."""
     xp = get_array_module(dout)
     axis = axis % dout.ndim
-    lead, c, inner = _shapes(dout, axis)
+    lead, c, inner = around_axis(dout.shape, axis)
     rows = axis == dout.ndim - 1
     kernel = _kernel("wm_ln_rows_backward" if rows else "wm_ln_columns_backward", dout.dtype,
                      plus is not None)

@@ -126,6 +126,13 @@ def _tall_product(a, b, out=None):
     return xp.matmul(a.T, b, out=out)
 
 
+def around_axis(shape, axis: int) -> tuple[int, int, int]:
+    """(lead, C, inner): the sizes of the axes before `axis`, of `axis`, and after it, so that
+    a C-contiguous array of `shape` views as [lead, C, inner]."""
+    lead = int(np.prod(shape[:axis], dtype=np.int64))
+    return lead, shape[axis], int(np.prod(shape[axis + 1:], dtype=np.int64))
+
+
 def sum_except(a, axis: int):
     """Sum over every axis but `axis` -> [a.shape[axis]], as products with a ones vector:
     BLAS reads each element once at memory speed, where a column reduction would stride.
@@ -136,9 +143,7 @@ def sum_except(a, axis: int):
         a, axis = a.swapaxes(-1, -2), {a.ndim - 1: a.ndim - 2, a.ndim - 2: a.ndim - 1}.get(axis, axis)
     if not a.flags.c_contiguous:
         return a.sum(axis=tuple(i for i in range(a.ndim) if i != axis))
-    lead = int(np.prod(a.shape[:axis], dtype=np.int64))
-    inner = int(np.prod(a.shape[axis + 1:], dtype=np.int64))
-    c = a.shape[axis]
+    lead, c, inner = around_axis(a.shape, axis)
     rows = a.reshape(lead * c, inner)  # [lead C, inner]
     per_lead = (rows @ xp.ones(inner, dtype=a.dtype) if inner > 1 else rows[:, 0]).reshape(lead, c)
     return xp.ones(lead, dtype=a.dtype) @ per_lead if lead > 1 else per_lead[0]  # [C]
