@@ -177,6 +177,79 @@ def test_layernorms_too_long_for_the_fused_kernels_take_the_unfused_path():
             assert np.abs(cp.asnumpy(g) - w).max() <= 1e-12 * max(1.0, np.abs(w).max())
 
 
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 37), (1, 3, 2, 300), (1, 4, 3, 1)],
+                         ids=["odd", "rows-longer-than-a-block", "one-longitude"])
+def test_fused_loss_equals_the_numpy_formula(shape, dtype, tol):
+    """`weighted_sse_and_grad` on the device (one kernel) against numpy's forward and
+    backward: the loss and dL/dy, with random latitude and variable weights."""
+    from weathermixer.autograd.loss import (weighted_sse_and_grad, weighted_sse_backward,
+                                            weighted_sse_forward)
+    cp = module("cupy")
+    rng = np.random.default_rng(11)
+    y, t = rng.standard_normal(shape), rng.standard_normal(shape)
+    lw, vw = rng.uniform(0.5, 1.5, shape[2]), rng.uniform(0.5, 1.5, shape[1])
+    want, cache = weighted_sse_forward(y, t, lw, vw, 13.0)
+    want_dy = weighted_sse_backward(1.0, cache)
+    loss, dy = weighted_sse_and_grad(*(cp.asarray(a, dtype=dtype) for a in (y, t, lw, vw)),
+                                     13.0)
+    assert dy.dtype == dtype and dy.shape == shape
+    assert abs(float(loss) - want) <= tol * abs(want)
+    assert np.abs(cp.asnumpy(dy) - want_dy).max() <= tol * np.abs(want_dy).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_device_sum_of_squares_equals_numpy(dtype):
+    """`sum_of_squares` over arrays of many sizes (empty, under one load, more than one wave
+    of blocks) and views that start off a 16-byte boundary, each element once."""
+    from weathermixer.autograd.xp import sum_of_squares
+    cp = module("cupy")
+    rng = np.random.default_rng(12)
+    host = [rng.standard_normal(n) for n in (0, 1, 3, 5, 4099, 3_000_001)]
+    host.append(rng.standard_normal((7, 33)))
+    dev = [cp.asarray(a, dtype=dtype) for a in host]
+    dev += [cp.asarray(host[4], dtype=dtype)[k:] for k in (1, 2, 3)]  # unaligned starts
+    host += [host[4][k:] for k in (1, 2, 3)]
+    want = sum(float((a * a).sum()) for a in host)
+    got = sum_of_squares(dev)
+    assert got.shape == (1,) and got.dtype == dtype
+    assert abs(float(got[0]) - want) <= (1e-12 if dtype == np.float64 else 1e-5) * want
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_transposing_copies_keep_every_element(dtype):
+    """`linear.c_contiguous` of transposed views (with a batch axis, sizes off the tile) and
+    `linear.f_contiguous` of C-contiguous matrices, through the tiled kernel: the layouts
+    asked for, and every element where it was."""
+    from weathermixer.autograd.linear import c_contiguous, f_contiguous
+    cp = module("cupy")
+    rng = np.random.default_rng(14)
+    for shape in ((3, 45, 37), (1, 1, 70), (64, 33)):
+        a = rng.standard_normal(shape).astype(dtype)
+        view = cp.asarray(a).swapaxes(-1, -2)
+        got = c_contiguous(view)
+        assert got.flags.c_contiguous and np.array_equal(cp.asnumpy(got), a.swapaxes(-1, -2))
+    for shape in ((45, 37), (1, 9), (33, 64)):
+        a = rng.standard_normal(shape).astype(dtype)
+        got = f_contiguous(cp.asarray(a))
+        assert got.flags.f_contiguous and np.array_equal(cp.asnumpy(got), a)
+
+
+@pytest.mark.parametrize("bias_shape", [(37, 1), (45,), (37, 45)], ids=["rows", "cols", "full"])
+def test_residual_with_a_transposed_branch_equals_numpy(bias_shape):
+    """The tiled kernel of `residual_forward` (branch: the transposed view of a C-contiguous
+    array, as token mixing's output) against numpy, on sizes that are not multiples of a
+    tile and a batch axis; the bias along either axis."""
+    from weathermixer.autograd.shape import residual_forward
+    cp = module("cupy")
+    rng = np.random.default_rng(13)
+    z, f, b = rng.standard_normal((3, 37, 45)), rng.standard_normal((3, 45, 37)), \
+        rng.standard_normal(bias_shape)
+    got = residual_forward(cp.asarray(z), cp.asarray(f).swapaxes(-1, -2), cp.asarray(b))
+    assert got.flags.c_contiguous
+    assert np.array_equal(cp.asnumpy(got), residual_forward(z, f.swapaxes(-1, -2), b))
+
+
 @pytest.mark.skipif(not cupy_available() or module("cupy").cuda.runtime.getDeviceCount() < 4,
                     reason="needs 4 GPUs")
 @pytest.mark.parametrize("layout", [("--jigsaw", "4"), ("--grid", "4x1"), ("--grid", "1x4"),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from weathermixer.autograd import layernorm_fused as fused
-from weathermixer.autograd.linear import around_axis, sum_except
+from weathermixer.autograd.linear import around_axis, c_contiguous, sum_except
 from weathermixer.autograd.xp import (GRAIN, elementwise_kernel, get_array_module,
                                       is_device_array, parallel_ranges)
 
@@ -149,8 +149,7 @@ def layernorm_backward(dout, cache, plus=None):
     fan-out's other gradient, added in the same pass). dscale and dbias are sums over this
     rank's rows only."""
     xhat, rstd, scale, axis, n, allreduce = cache
-    xp = get_array_module(dout)
-    dout = xp.ascontiguousarray(dout)  # one copy of a transposed view, then unit-stride passes
+    dout = c_contiguous(dout)  # one copy of a transposed view, then unit-stride passes
     if allreduce is None and _fuses(dout, axis, n) and xhat.flags.c_contiguous:
         return fused.backward(dout, xhat, rstd, scale, axis, plus)
     allreduce = allreduce or _identity

@@ -32,8 +32,8 @@ from __future__ import annotations
 import numpy as np
 
 from weathermixer.autograd.linear import around_axis
-from weathermixer.autograd.xp import (get_array_module, is_device_array, multiprocessors,
-                                      raw_kernel, resident_blocks)
+from weathermixer.autograd.xp import (BLOCK_SUMS, get_array_module, is_device_array,
+                                      multiprocessors, raw_kernel, resident_blocks)
 
 K = 8  # row elements per thread, in registers
 MAX_THREADS = 1024  # per row block (a register budget of 64 each), so rows of up to 8192
@@ -41,28 +41,7 @@ MAX_COLS = MAX_THREADS * K
 COLUMN_THREADS = 256  # per column block: 8 warps
 SHARED_BYTES = 48 * 1024  # a column block's warp sums: 8 warps x 2 sums x C, at most this
 
-_SOURCE = r"""
-__device__ __forceinline__ T warp_sum(T x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-
-// The sums of a and b over the block, returned to every thread (blockDim.x a multiple of 32).
-__device__ void block_sum2(T& a, T& b, T* partials) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    a = warp_sum(a);
-    b = warp_sum(b);
-    __syncthreads();  // the previous call's readers are done with `partials`
-    if (lane == 0) {
-        partials[warp] = a;
-        partials[32 + warp] = b;
-    }
-    __syncthreads();
-    const bool mine = lane < (blockDim.x >> 5);
-    a = warp_sum(mine ? partials[lane] : T(0));
-    b = warp_sum(mine ? partials[32 + lane] : T(0));
-}
-
+_SOURCE = BLOCK_SUMS + r"""
 extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_forward(
         const T* u, const T* scale, const T* bias, T* xhat, T* out, T* rstd,
         const int C, const T eps) {

@@ -10,13 +10,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from weathermixer.autograd.xp import get_array_module, is_device_array
+from weathermixer.autograd.xp import from_transposed, get_array_module, is_device_array
 
 
 def is_transposed(a) -> bool:
     """True for a view whose last two axes are swapped from a C-contiguous array (the token
     mixing's view [.., E, T] of the residual stream [.., T, E])."""
     return a.ndim >= 2 and not a.flags.c_contiguous and a.swapaxes(-1, -2).flags.c_contiguous
+
+
+def c_contiguous(a):
+    """a as a C-contiguous array: itself if it is one; on GPUs, a transposed view through the
+    tiled transposing copy (`xp.from_transposed`); else a copy."""
+    if a.flags.c_contiguous:
+        return a
+    if is_device_array(a) and is_transposed(a):
+        return from_transposed(a)
+    return get_array_module(a).ascontiguousarray(a)
+
+
+def f_contiguous(a):
+    """A 2-D array as a column-major (F-contiguous) array: the transpose of c_contiguous(a.T)."""
+    return a if a.flags.f_contiguous else c_contiguous(a.T).T
 
 
 def add_bias(y, b):
@@ -76,11 +91,10 @@ def input_gradient_operands(dy, w):
     Host arrays are returned as they are."""
     if not is_device_array(dy):
         return dy, w
-    xp = get_array_module(dy)
     if is_transposed(dy):
-        dy = xp.ascontiguousarray(dy)
-    if w.size < dy[(0,) * (dy.ndim - 2)].size and not w.flags.f_contiguous:
-        w = xp.asfortranarray(w)
+        dy = c_contiguous(dy)
+    if w.size < dy[(0,) * (dy.ndim - 2)].size:
+        w = f_contiguous(w)
     return dy, w
 
 
@@ -120,9 +134,9 @@ def _tall_product(a, b, out=None):
     xp = get_array_module(a)
     if is_device_array(a) and not b.flags.f_contiguous:
         if a.size < b.size:
-            a = xp.ascontiguousarray(a.T).T
+            a = c_contiguous(a.T).T
         else:
-            b = xp.asfortranarray(b)
+            b = f_contiguous(b)
     return xp.matmul(a.T, b, out=out)
 
 

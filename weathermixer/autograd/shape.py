@@ -9,7 +9,9 @@ rank's domain part): the token index is row-major within whatever rows are passe
 """
 from __future__ import annotations
 
-from weathermixer.autograd.xp import elementwise_kernel, get_array_module, is_device_array
+from weathermixer.autograd.linear import is_transposed
+from weathermixer.autograd.xp import (elementwise_kernel, from_transposed, get_array_module,
+                                      is_device_array)
 
 
 def patchify(x, pl: int, pw: int):
@@ -59,10 +61,14 @@ def split(x, first: int, axis: int):
 
 def residual_forward(z, branch, bias=None):
     """z + branch (+ bias): the residual stream (branch = f(z) computed by the caller, `bias`
-    the last linear layer's, added in the same pass on GPUs)."""
+    the last linear layer's, added in the same pass on GPUs). A branch that is the transposed
+    view of a C-contiguous array (token mixing's output [B, E, T] seen as [B, T, E]) is read
+    through shared-memory tiles on GPUs (`xp.from_transposed`)."""
     if bias is None:
         return z + branch
     if is_device_array(z):
+        if z.flags.c_contiguous and z.ndim >= 2 and is_transposed(branch) and bias.ndim <= 2:
+            return from_transposed(branch, z, bias)
         return elementwise_kernel("wm_residual_bias", "T z, T f, T b", "T y",
                                   "y = z + f + b")(z, branch, bias)
     y = z + branch

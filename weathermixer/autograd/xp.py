@@ -125,6 +125,31 @@ def elementwise_kernel(name: str, in_params: str, out_params: str, body: str,
     return _KERNELS[name]
 
 
+# CUDA C sums for `raw_kernel` sources: over a warp, and two at once over a thread block.
+BLOCK_SUMS = r"""
+__device__ __forceinline__ T warp_sum(T x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// The sums of a and b over the block, returned to every thread (blockDim.x a multiple of 32,
+// `partials` a __shared__ T[64]).
+__device__ void block_sum2(T& a, T& b, T* partials) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    a = warp_sum(a);
+    b = warp_sum(b);
+    __syncthreads();  // the previous call's readers are done with `partials`
+    if (lane == 0) {
+        partials[warp] = a;
+        partials[32 + warp] = b;
+    }
+    __syncthreads();
+    const bool mine = lane < (blockDim.x >> 5);
+    a = warp_sum(mine ? partials[lane] : T(0));
+    b = warp_sum(mine ? partials[32 + lane] : T(0));
+}
+"""
+
 _C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
@@ -172,31 +197,110 @@ def resident_blocks(kernel, threads: int) -> int:
     return _RESIDENT[key]
 
 
-_ROW = 1 << 16  # elements per row of a device sum of squares (see sum_of_squares)
+_TILE, _TILE_ROWS = 32, 8
+_FROM_TRANSPOSED = r"""
+// y [L, R, C] = f^T, f [L, C, R] C-contiguous; with ADD, y = z + f^T + b, z [L, R, C] and
+// b[r sr + c sc]. A block moves one TILE x TILE tile: it reads f's along r, writes y's along c.
+extern "C" __global__ void wm_from_transposed(
+        const T* f, const T* z, const T* b, T* y, const long long R, const long long C,
+        const long long sr, const long long sc) {
+    __shared__ T tile[TILE][TILE + 1];  // [c, r]; + 1: no shared-memory bank conflicts
+    const long long plane = (long long)blockIdx.z * R * C;
+    const long long r0 = (long long)blockIdx.x * TILE, c0 = (long long)blockIdx.y * TILE;
+    for (int k = threadIdx.y; k < TILE; k += TILE_ROWS) {
+        const long long c = c0 + k, r = r0 + threadIdx.x;
+        if (c < C && r < R) tile[k][threadIdx.x] = f[plane + c * R + r];
+    }
+    __syncthreads();
+    for (int k = threadIdx.y; k < TILE; k += TILE_ROWS) {
+        const long long r = r0 + k, c = c0 + threadIdx.x;
+        if (r < R && c < C) {
+            const long long i = plane + r * C + c;
+#if ADD
+            y[i] = z[i] + tile[threadIdx.x][k] + b[r * sr + c * sc];
+#else
+            y[i] = tile[threadIdx.x][k];
+#endif
+        }
+    }
+}
+"""
+
+
+def from_transposed(f, z=None, bias=None):
+    """A C-contiguous copy of f [.., R, C], the transposed view of a C-contiguous [.., C, R]
+    device array; or, given z [.., R, C] (C-contiguous) and `bias` (broadcasting over
+    [R, C]), z + f + bias in the same pass. Shared-memory tiles read f along r and write
+    along c, so both sides move through memory in order (CuPy's copy reads f C elements
+    apart: a transposing copy ran at about a third of the memory's rate)."""
+    R, C = f.shape[-2:]
+    dtype = f.dtype if z is None else z.dtype
+    source = _cupy.ascontiguousarray(f.swapaxes(-1, -2), dtype=dtype)  # [.., C, R]: a view
+    y = _cupy.empty(f.shape, dtype=dtype)  # [.., R, C]
+    add = z is not None
+    b = _cupy.broadcast_to(_cupy.asarray(bias, dtype=dtype), (R, C)) if add else y  # [R, C]
+    if y.size:
+        raw_kernel("wm_from_transposed", _FROM_TRANSPOSED, dtype,
+                   {"TILE": _TILE, "TILE_ROWS": _TILE_ROWS, "ADD": int(add)})(
+            (-(-R // _TILE), -(-C // _TILE), y.size // (R * C)), (_TILE, _TILE_ROWS),
+            (source, z if add else y, b, y, np.int64(R), np.int64(C),
+             np.int64(b.strides[0] // b.itemsize), np.int64(b.strides[1] // b.itemsize)))
+    return y
+
+
+_SUM_SQ = BLOCK_SUMS + r"""
+// partial[block] = the block's sum of g^2 over g [n]: the first `head` elements one at a time,
+// the rest (16-byte aligned) as VEC loads of WIDTH elements, the last (n - head) % WIDTH by the
+// first threads.
+extern "C" __global__ void wm_sum_sq(const T* g, T* partial, const long long n, const int head) {
+    __shared__ T partials[64];
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const T* body = g + head;
+    const long long m = n - head;
+    const VEC* vectors = reinterpret_cast<const VEC*>(body);
+    T s = first < head ? g[first] * g[first] : T(0), unused = T(0);
+    for (long long i = first; i < m / WIDTH; i += stride) {
+        const VEC v = vectors[i];
+        s += SQUARES;
+    }
+    const long long k = m / WIDTH * WIDTH + first;
+    if (k < m) s += body[k] * body[k];
+    block_sum2(s, unused, partials);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+"""
+_VECTORS = {np.dtype(np.float32): {"VEC": "float4", "WIDTH": 4,
+                                   "SQUARES": "v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w"},
+            np.dtype(np.float64): {"VEC": "double2", "WIDTH": 2,
+                                   "SQUARES": "v.x * v.x + v.y * v.y"}}
+_SUM_SQ_THREADS = 256
 
 
 def sum_of_squares(arrays):
     """[1]: the sum of g^2 over every element of every array, an array of their module (no
-    read-back). On GPUs each array is summed as rows of a [n / 65536, 65536] view by one
-    reduction kernel that squares on the fly (CuPy's vdot writes the products out first, and
-    its reduction kernels give a whole array to a single thread block), plus its remainder;
-    the partial sums of all arrays are added in one more kernel. On the host, BLAS dot
-    products."""
+    read-back). On GPUs one kernel per array reads it in 16-byte loads, as many blocks as
+    fill the GPU once, each block writing its partial sum (CuPy's vdot writes the products
+    out first, and its reductions read 4 bytes a load); the partial sums of all arrays are
+    added in one more kernel. The order of the sums is fixed, so the result is
+    deterministic. On the host, BLAS dot products."""
     arrays = list(arrays)
     if not arrays or not is_device_array(arrays[0]):
         return np.array([sum(float(np.vdot(g.ravel(), g.ravel())) for g in arrays)])
-    if "wm_sum_sq" not in _KERNELS:
-        _KERNELS["wm_sum_sq"] = _cupy.ReductionKernel("T g", "T s", "g * g", "a + b", "s = a",
-                                                      "0", "wm_sum_sq")
-    square_sum, parts = _KERNELS["wm_sum_sq"], []
-    for g in arrays:
-        flat = _cupy.ascontiguousarray(g).reshape(-1)
-        cut = flat.size // _ROW * _ROW
-        if cut:
-            parts.append(square_sum(flat[:cut].reshape(-1, _ROW), axis=1))  # [n // 65536]
-        if cut < flat.size:
-            parts.append(square_sum(flat[cut:]).reshape(1))
-    return _cupy.concatenate(parts).sum().reshape(1)
+    dtype = np.dtype(arrays[0].dtype)
+    kernel = raw_kernel("wm_sum_sq", _SUM_SQ, dtype, _VECTORS[dtype])
+    width = _VECTORS[dtype]["WIDTH"]
+    wave = multiprocessors() * resident_blocks(kernel, _SUM_SQ_THREADS)  # blocks the GPU holds
+    flats = [_cupy.ascontiguousarray(g, dtype=dtype).reshape(-1) for g in arrays]
+    blocks = [max(1, min(wave, -(-g.size // (width * _SUM_SQ_THREADS)))) for g in flats]
+    parts = _cupy.zeros(sum(blocks), dtype=dtype)  # [blocks of every array]
+    start = 0
+    for g, n in zip(flats, blocks):
+        head = min(g.size, (16 - g.data.ptr % 16) % 16 // dtype.itemsize)
+        if g.size:
+            kernel((n,), (_SUM_SQ_THREADS,), (g, parts[start:], np.int64(g.size), np.int32(head)))
+        start += n
+    return parts.sum().reshape(1)
 
 
 def tune_host_allocator() -> bool:

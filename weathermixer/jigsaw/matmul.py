@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from weathermixer.autograd.linear import contract_leading, input_gradient_operands, matmul
+from weathermixer.autograd.linear import (c_contiguous, contract_leading,
+                                          input_gradient_operands, matmul)
 from weathermixer.autograd.xp import get_array_module
 from weathermixer.jigsaw import ops
 from weathermixer.jigsaw.shard import Partition, offsets
@@ -127,7 +128,7 @@ def xwt_backward(dy, cache, need_dx: bool = True, on_dw=None):
     m = max(sizes)
     # [.., R_r, m]: padded, or made C-contiguous once for both the wire and this rank's GEMMs
     mine = (_pad_last(dy, m) if dy.shape[-1] != m else
-            xp.ascontiguousarray(dy) if cols.size > 1 else dy)
+            c_contiguous(dy) if cols.size > 1 else dy)
     gathered = ops.scatter_parts_adjoint_own_first(mine, cols, tag="xwt.gather_dy")
     panel = start_panel(w, grid, frame, w_rows) if need_dx else None
     blocks = {}  # dY[.., R_r, N_p] by p

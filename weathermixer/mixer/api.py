@@ -9,7 +9,7 @@ and the gradients come back as this rank's blocks of the true gradient of the gl
 """
 from __future__ import annotations
 
-from weathermixer.autograd.loss import weighted_sse_backward, weighted_sse_forward
+from weathermixer.autograd.loss import weighted_sse_and_grad
 from weathermixer.autograd.xp import get_array_module, to_host, to_module
 from weathermixer.config import Config
 from weathermixer.jigsaw import ops
@@ -70,9 +70,8 @@ def loss_array_and_grads(params: dict, x, target, cfg: Config, rollout: int = 1,
     grid = layout.grid
     normaliser = x.shape[0] * grid.n_dp * cfg.n_prognostic * cfg.n_lat * cfg.n_lon
     y, cache = model.forward(params, x, layout, rollout)
-    part, c_loss = weighted_sse_forward(y, target, lat_w, var_w, normaliser)
-    dy = weighted_sse_backward(1.0, c_loss)
-    del y, c_loss  # not needed by the backward, which releases each layer's cache as it goes
+    part, dy = weighted_sse_and_grad(y, target, lat_w, var_w, normaliser)
+    del y  # not needed by the backward, which releases each layer's cache as it goes
     sync = model.GradientSync(layout, cut_over_data)  # data-parallel sums overlap the backward
     grads, _ = model.backward(dy, cache, need_dx=False, release=True, on_ready=sync.ready)
     sync.finish(grads)
