@@ -259,14 +259,19 @@ extern "C" __global__ void wm_sum_sq(const T* g, T* partial, const long long n, 
     const T* body = g + head;
     const long long m = n - head;
     const VEC* vectors = reinterpret_cast<const VEC*>(body);
-    T s = first < head ? g[first] * g[first] : T(0), unused = T(0);
-    for (long long i = first; i < m / WIDTH; i += stride) {
+    T s = first < head ? g[first] * g[first] : T(0), s2 = T(0);
+    for (long long i = first; i < m / WIDTH; i += 2 * stride) {  // two loads in flight
         const VEC v = vectors[i];
         s += SQUARES;
+        if (i + stride < m / WIDTH) {
+            const VEC v = vectors[i + stride];
+            s2 += SQUARES;
+        }
     }
     const long long k = m / WIDTH * WIDTH + first;
     if (k < m) s += body[k] * body[k];
-    block_sum2(s, unused, partials);
+    block_sum2(s, s2, partials);
+    s += s2;
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 """
