@@ -38,7 +38,8 @@ def add_bias(y, b):
     """y += b along y's last axis, in place, walking y's memory in order (for a transposed
     view the bias runs down the rows of the C-contiguous array it views)."""
     if is_transposed(y):
-        y.swapaxes(-1, -2)[...] += b[:, None]
+        rows = y.swapaxes(-1, -2)  # the C-contiguous array y views
+        rows += b[:, None]  # (`y.swapaxes(-1, -2)[...] += ` would also copy it onto itself)
     else:
         y += b
 

@@ -153,7 +153,9 @@ def forward(params, x, layout, rollout: int = 1):
     pl, pw, E, P = cfg.patch_lat, cfg.patch_lon, cfg.embed_dim, cfg.n_prognostic
     B, _, h, W = x.shape
     nv = len(layout.prognostic_channels)
-    z0, c_enc = dense_forward(patchify(x, pl, pw), params, "encoder", layout)  # [B, T_loc, E_loc]
+    w_enc = start_dense_panel(params, "encoder", layout)  # travels while x is patchified
+    z0, c_enc = dense_forward(patchify(x, pl, pw), params, "encoder", layout,
+                              panel=w_enc)  # [B, T_loc, E_loc]
     z, c_blocks = z0, []
     for _ in range(rollout):  # latent rollout: the same blocks, k times
         for n in range(cfg.n_blocks):
