@@ -25,6 +25,7 @@ import cupy as cp
 import weathermixer as wm
 from weathermixer.autograd import layernorm as ln
 from weathermixer.autograd import loss as wl
+from weathermixer.autograd import xp
 from weathermixer.autograd.linear import c_contiguous
 from weathermixer.autograd.shape import residual_forward
 from weathermixer.autograd.xp import elementwise_kernel, sum_of_squares
@@ -132,11 +133,24 @@ def residual(rng):
 
 
 def transposing_copies(rng):
-    print("transposing copy [rows, cols] of the transposed view, ms: CuPy's copy | tiled | GB/s")
+    print("transposing copy [rows, cols] of the transposed view, ms: CuPy's copy | cuBLAS geam "
+          "(asfortranarray) | tiled, TILE x TILE_ROWS threads: " +
+          " ".join(f"{t}x{r}" for t, r in TILES) + f" | GB/s of {xp._TILE}x{xp._TILE_ROWS}")
+    kept = xp._TILE, xp._TILE_ROWS
     for rows, cols in ((17280, 4320), (4320, 17280), (4320, 8640), (1036800, 69)):
         a = rng.standard_normal((cols, rows), dtype=cp.float32).T  # [rows, cols], a view
-        t_old, t_new = timeit(lambda: cp.ascontiguousarray(a)), timeit(lambda: c_contiguous(a))
-        print(f"  [{rows}, {cols}]: {t_old:.3f} | {t_new:.3f} | {8 * a.size / t_new / 1e6:.0f}")
+        t_copy = timeit(lambda: cp.ascontiguousarray(a))
+        t_geam = timeit(lambda: cp.asfortranarray(a.T))  # the same bytes, F-ordered [cols, rows]
+        tiled = []
+        for xp._TILE, xp._TILE_ROWS in TILES:
+            tiled.append(timeit(lambda: c_contiguous(a)))
+        xp._TILE, xp._TILE_ROWS = kept
+        t_kept = timeit(lambda: c_contiguous(a))
+        print(f"  [{rows}, {cols}]: {t_copy:.3f} | {t_geam:.3f} | "
+              + " ".join(f"{t:.3f}" for t in tiled) + f" | {8 * a.size / t_kept / 1e6:.0f}")
+
+
+TILES = ((32, 8), (32, 4), (32, 16), (64, 8), (64, 16))
 
 
 if __name__ == "__main__":
