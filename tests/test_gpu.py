@@ -218,13 +218,14 @@ def test_device_sum_of_squares_equals_numpy(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_transposing_copies_keep_every_element(dtype):
-    """`linear.c_contiguous` of transposed views (with a batch axis, sizes off the tile) and
-    `linear.f_contiguous` of C-contiguous matrices, through the tiled kernel: the layouts
-    asked for, and every element where it was."""
+    """`linear.c_contiguous` of transposed views (a batch of matrices through the tiled
+    kernel, sizes off the tile; one matrix, with or without a leading axis of length 1,
+    through cuBLAS) and `linear.f_contiguous` of C-contiguous matrices: the layouts asked
+    for, and every element where it was."""
     from weathermixer.autograd.linear import c_contiguous, f_contiguous
     cp = module("cupy")
     rng = np.random.default_rng(14)
-    for shape in ((3, 45, 37), (1, 1, 70), (64, 33)):
+    for shape in ((3, 45, 37), (1, 45, 37), (1, 1, 70), (64, 33)):
         a = rng.standard_normal(shape).astype(dtype)
         view = cp.asarray(a).swapaxes(-1, -2)
         got = c_contiguous(view)
