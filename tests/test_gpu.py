@@ -154,6 +154,26 @@ def test_fused_layernorm_equals_the_numpy_formula(shape, axis, dtype, tol):
             assert np.abs(cp.asnumpy(g) - w).max() <= tol * max(1.0, np.abs(w).max())
 
 
+def test_fused_layernorm_backward_reads_strided_rows():
+    """The rows backward given dout as a slice [.., c0:c1] of a wider array (read in place,
+    `layernorm_fused.row_pitch`) and as every other row (copied first) equals numpy."""
+    from weathermixer.autograd import layernorm_fused as fused
+    from weathermixer.autograd.layernorm import layernorm_backward, layernorm_forward
+    cp = module("cupy")
+    rng = np.random.default_rng(10)
+    u, wide = rng.standard_normal((3, 41, 37)), rng.standard_normal((3, 82, 50))
+    scale, bias = rng.standard_normal(37), rng.standard_normal(37)
+    _, cache = layernorm_forward(u, scale, bias, -1)
+    _, d_cache = layernorm_forward(*(cp.asarray(a) for a in (u, scale, bias)), -1)
+    d_wide = cp.asarray(wide)
+    for index, pitch in (((slice(None), slice(0, 41), slice(5, 42)), 50),
+                         ((slice(None), slice(None, None, 2), slice(3, 40)), None)):
+        dout, d_dout = wide[index], d_wide[index]  # [3, 41, 37] each
+        assert fused.row_pitch(d_dout) == pitch
+        for g, w in zip(layernorm_backward(d_dout, d_cache), layernorm_backward(dout, cache)):
+            assert np.abs(cp.asnumpy(g) - w).max() <= 1e-12 * max(1.0, np.abs(w).max())
+
+
 def test_layernorms_too_long_for_the_fused_kernels_take_the_unfused_path():
     """Rows longer than MAX_COLS and columns whose warp sums overflow SHARED_BYTES are not
     given to the fused kernels (nor an axis whose global count differs: a cut one), and the

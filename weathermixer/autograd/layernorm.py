@@ -149,10 +149,9 @@ def layernorm_backward(dout, cache, plus=None):
     fan-out's other gradient, added in the same pass). dscale and dbias are sums over this
     rank's rows only."""
     xhat, rstd, scale, axis, n, allreduce = cache
-    dout = c_contiguous(dout)  # one copy of a transposed view, then unit-stride passes
-    if allreduce is None and _fuses(dout, axis, n) and xhat.flags.c_contiguous:
+    if allreduce is None:  # the forward ran in the fused kernels
         return fused.backward(dout, xhat, rstd, scale, axis, plus)
-    allreduce = allreduce or _identity
+    dout = c_contiguous(dout)  # one copy of a transposed view, then unit-stride passes
     s = _along(scale, dout.ndim, axis)
     if _rows(dout, axis):
         r, dscale, dbias = _backward_sums_rows(dout, xhat, scale)

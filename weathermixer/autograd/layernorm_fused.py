@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from weathermixer.autograd.linear import around_axis
+from weathermixer.autograd.linear import around_axis, c_contiguous
 from weathermixer.autograd.xp import (BLOCK_SUMS, get_array_module, is_device_array,
                                       multiprocessors, raw_kernel, resident_blocks)
 
@@ -80,7 +80,7 @@ extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_forward(
 
 extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_backward(
         const T* dy, const T* xhat, const T* rstd, const T* scale, const T* plus, T* du,
-        T* partial, const int rows, const int C, const int R) {
+        T* partial, const int rows, const int C, const int R, const long long pitch) {
     __shared__ T partials[64];
     T ds[K], db[K];  // this block's column sums of dy xhat and dy
 #pragma unroll
@@ -98,7 +98,7 @@ extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_backward(
         for (int j = 0; j < K; ++j) {
             const int c = threadIdx.x + j * blockDim.x;
             const bool in = c < C;
-            const T d = in ? dy[row + c] : T(0), g = d * (in ? scale[c] : T(0));
+            const T d = in ? dy[i * pitch + c] : T(0), g = d * (in ? scale[c] : T(0));
             h[j] = in ? xhat[row + c] : T(0);
             a += g;
             b += g * h[j];
@@ -229,6 +229,23 @@ def columns_apply(u, axis: int, count: int) -> bool:
             and 0 < 2 * c * (COLUMN_THREADS // 32) * u.itemsize <= SHARED_BYTES)
 
 
+def row_pitch(a):
+    """Elements from one row of a [.., C] to the next where its rows are evenly spaced and each
+    row's elements adjacent (a C-contiguous array, or its slice a[.., c0:c1]); else None."""
+    item = a.itemsize
+    if a.shape[-1] > 1 and a.strides[-1] != item:
+        return None
+    lead = [(n, s) for n, s in zip(a.shape[:-1], a.strides[:-1]) if n > 1]
+    if not lead:
+        return a.shape[-1]
+    pitch = expected = lead[-1][1]
+    for n, s in reversed(lead):  # innermost first: each axis steps over the whole of the next
+        if s != expected:
+            return None
+        expected = s * n
+    return pitch // item if pitch % item == 0 and pitch // item >= a.shape[-1] else None
+
+
 def forward(u, scale, bias, eps: float, axis: int):
     """(xhat, out, rstd) of a LayerNorm over `axis` (rows: the last; columns: an inner one):
     xhat and out shaped like u, rstd like u with `axis` of length 1. scale, bias [C]."""
@@ -255,11 +272,17 @@ def forward(u, scale, bias, eps: float, axis: int):
 
 def backward(dout, xhat, rstd, scale, axis: int, plus=None):
     """(du, dscale, dbias) of the LayerNorm of `forward`; du + plus in du's place where `plus`
-    is given. dout, xhat C-contiguous; dscale and dbias are sums over this rank's part only."""
+    is given; dscale and dbias are sums over this rank's part only. xhat is C-contiguous; the
+    rows kernel reads dout in place where its rows are evenly spaced (a slice [.., :C] of a
+    wider array, as the decoder's norm gets from the concatenation's backward), other
+    layouts are copied first."""
     xp = get_array_module(dout)
     axis = axis % dout.ndim
     lead, c, inner = around_axis(dout.shape, axis)
     rows = axis == dout.ndim - 1
+    pitch = row_pitch(dout) if rows else None  # elements from one row of dout to the next
+    if pitch is None:
+        dout, pitch = c_contiguous(dout), c
     kernel = _kernel("wm_ln_rows_backward" if rows else "wm_ln_columns_backward", dout.dtype,
                      plus is not None)
     threads = _threads(c) if rows else COLUMN_THREADS
@@ -268,7 +291,7 @@ def backward(dout, xhat, rstd, scale, axis: int, plus=None):
     blocks = max(1, min(work, multiprocessors() * resident_blocks(kernel, threads)))  # one wave
     per_block = -(-max(work, 1) // blocks)
     blocks = -(-max(work, 1) // per_block)
-    du = xp.empty_like(dout)  # like dout
+    du = xp.empty(dout.shape, dtype=dout.dtype)  # like dout, C-contiguous
     partial = (xp.empty if dout.size else xp.zeros)((2, blocks, c), dtype=dout.dtype)
     if plus is not None:
         plus = xp.ascontiguousarray(xp.broadcast_to(plus, dout.shape), dtype=dout.dtype)
@@ -276,7 +299,8 @@ def backward(dout, xhat, rstd, scale, axis: int, plus=None):
     plus_or_any = du if plus is None else plus
     if dout.size and rows:
         kernel((blocks,), (threads,), (dout, xhat, rstd, scale, plus_or_any, du, partial,
-                                       np.int32(lead), np.int32(c), np.int32(per_block)))
+                                       np.int32(lead), np.int32(c), np.int32(per_block),
+                                       np.int64(pitch)))
     elif dout.size:
         kernel((blocks,), (threads,), (dout, xhat, rstd, scale, plus_or_any, du, partial,
                                        np.int64(lead * inner), np.int32(c), np.int64(inner)),
