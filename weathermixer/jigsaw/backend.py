@@ -705,14 +705,18 @@ class PairwiseExchange(PartsExchange):
     """`PartsExchange` over NCCL. In round s = 1 .. size-1 this rank sends its partial for
     member rank+s and receives member rank-s's partial for its own block (a send and a recv,
     grouped, on the group's side stream) as soon as the block is computed, while the caller
-    computes the next one; the own block comes last (in two pieces where the caller asks for
-    `own_pieces`), and the received partials are added to it. The same bytes as one reduce-scatter, hidden behind
-    the GEMMs of the later blocks."""
-    split_own = True
+    computes the next one (by the copy engines for a pair, `_pair_copy`); the own block comes
+    last (in two pieces where `split_own` and the caller asks for `own_pieces`), and the
+    received partials are added to it. The same bytes as one reduce-scatter, hidden behind the
+    GEMMs of the later blocks."""
 
     def __init__(self, group, store, tag: str):
         super().__init__(group, store, tag)
         r, n = group.rank, group.size
+        # NCCL's send needs SMs, which a GEMM holds until it ends: the own block is computed
+        # in two pieces so that the send of the block before starts between them. The copy
+        # engines need none, and start as soon as the block is done: one GEMM then.
+        self.split_own = not group._peer_copies()
         self.order = [(r + s) % n for s in range(1, n)] + [r]
         self.received = get_array_module(store).empty((n - 1,) + store.shape[1:],
                                                       dtype=store.dtype)  # [size - 1, ...]
