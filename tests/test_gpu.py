@@ -155,8 +155,9 @@ def test_fused_layernorm_equals_the_numpy_formula(shape, axis, dtype, tol):
 
 
 def test_fused_layernorm_backward_reads_strided_rows():
-    """The rows backward given dout as a slice [.., c0:c1] of a wider array (read in place,
-    `layernorm_fused.row_pitch`) and as every other row (copied first) equals numpy."""
+    """The rows backward equals numpy given dout as a slice [.., c0:c1] of a wider array and
+    as every other row (evenly spaced: read in place, `layernorm_fused.row_pitch`), and as
+    the first half of each batch's rows (not evenly spaced: copied first)."""
     from weathermixer.autograd import layernorm_fused as fused
     from weathermixer.autograd.layernorm import layernorm_backward, layernorm_forward
     cp = module("cupy")
@@ -166,7 +167,8 @@ def test_fused_layernorm_backward_reads_strided_rows():
     _, cache = layernorm_forward(u, scale, bias, -1)
     _, d_cache = layernorm_forward(*(cp.asarray(a) for a in (u, scale, bias)), -1)
     for wide, index, pitch in (((3, 41, 50), (Ellipsis, slice(5, 42)), 50),
-                               ((3, 82, 37), (slice(None), slice(None, None, 2)), None)):
+                               ((3, 82, 37), (slice(None), slice(None, None, 2)), 74),
+                               ((3, 82, 37), (slice(None), slice(0, 41)), None)):
         wide = rng.standard_normal(wide)
         dout, d_dout = wide[index], cp.asarray(wide)[index]  # [3, 41, 37] each
         assert fused.row_pitch(d_dout) == pitch
