@@ -274,3 +274,19 @@ def test_matmul_accumulate_adds_the_product_into_out():
         want = (base.swapaxes(-1, -2) if transposed else base) + a @ b
         assert matmul(a, b, out=view, accumulate=True) is view
         assert np.abs(view - want).max() < 1e-12
+
+
+def test_row_pitch_says_where_rows_are_evenly_spaced():
+    """`layernorm_fused.row_pitch`, which lets the fused LayerNorm backward read a strided
+    gradient in place: C-contiguous arrays, slices of columns, every other row and single
+    rows are evenly spaced; a cut through each batch's rows, a transposed view and reversed
+    columns are not."""
+    from weathermixer.autograd.layernorm_fused import row_pitch
+    a = np.zeros((3, 82, 50))
+    assert row_pitch(a) == 50
+    assert row_pitch(a[..., 5:42]) == 50
+    assert row_pitch(a[:, ::2]) == 100
+    assert row_pitch(a[:1, :1, 3:9]) == 6
+    assert row_pitch(a[:, :41]) is None
+    assert row_pitch(a.swapaxes(-1, -2)) is None
+    assert row_pitch(a[..., ::-1]) is None
