@@ -51,8 +51,8 @@ def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
     axis = axis % u.ndim
     n = u.shape[axis] if count is None else count
     if allreduce is None and _fuses(u, axis, n):
-        xhat, out, rstd = fused.forward(u, scale, bias, EPS, axis)
-        return out, (xhat, rstd, scale, axis, n, None)
+        out, mean, rstd = fused.forward(u, scale, bias, EPS, axis)
+        return out, (u, mean, rstd, scale, axis, None)  # the fused backward recomputes xhat
     allreduce = allreduce or _identity
     mean = allreduce(_sum_along(u, axis)) / n  # reduction S1; [.., 1, ..]
     var = allreduce(_squared_deviation(u, mean, axis)) / n  # reduction S2
@@ -148,9 +148,9 @@ def layernorm_backward(dout, cache, plus=None):
     """Gradients (du, dscale, dbias); with `plus`, du + plus is returned in du's place (a
     fan-out's other gradient, added in the same pass). dscale and dbias are sums over this
     rank's rows only."""
+    if cache[-1] is None:  # the forward ran in the fused kernels: (u, mean, rstd, ...)
+        return fused.backward(dout, *cache[:-1], plus)
     xhat, rstd, scale, axis, n, allreduce = cache
-    if allreduce is None:  # the forward ran in the fused kernels
-        return fused.backward(dout, xhat, rstd, scale, axis, plus)
     dout = c_contiguous(dout)  # one copy of a transposed view, then unit-stride passes
     s = _along(scale, dout.ndim, axis)
     if _rows(dout, axis):
