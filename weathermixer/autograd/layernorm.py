@@ -7,7 +7,9 @@ Forward makes two reductions over the normalised axis, backward two more (llm.c'
 identity for an unsharded axis and a sum over the `channel` group in `jigsaw.layernorm`.
 `count` is the *global* length of the axis: every division uses it, never the local length.
 `allreduce=None` says the axis is whole on this rank; on GPUs the LN then runs in the fused
-kernels of `autograd.layernorm_fused` (the last axis as rows, a short inner one as columns).
+kernels of `autograd.layernorm_fused` (the last axis as rows, a short inner one as columns),
+which keep u itself (and mean, rstd) for the backward instead of xhat: a caller must not
+change u in place before the backward.
 
     forward:   S1 = sum(u)                  mean = S1 / n
                S2 = sum((u - mean)^2)       var  = S2 / n          (two-pass: no cancellation)
