@@ -4,12 +4,9 @@
     GELU(u)  = 0.5 u (1 + t)
     GELU'(u) = 0.5 (1 + t) + 0.5 u (1 - t^2) sqrt(2/pi) (1 + 3 a u^2)
 
-On GPUs forward is one fused kernel (the linear layer's bias added in it) that writes GELU(u)
-alone and caches its input; backward recomputes t in a second one, dx = dy GELU'(u): both are
-bound by memory, not by tanh, so this writes one array fewer than caching GELU'(u) would. On
-CPUs, where tanh is the cost, forward computes GELU'(u) beside GELU(u) and caches it instead of
-u (the same memory), so tanh is evaluated once and backward is one multiply: the same formula
-in numpy, in place, on L2-sized chunks spread over the host's threads.
+Forward computes GELU'(u) beside GELU(u) and caches it instead of u (the same memory), so
+tanh is evaluated once and backward is one multiply. On GPUs forward is one fused kernel; on
+CPUs the same formula in numpy, in place, on L2-sized chunks spread over the host's threads.
 """
 from __future__ import annotations
 
@@ -22,21 +19,20 @@ from weathermixer.autograd.xp import elementwise_kernel, is_device_array, parall
 _C = math.sqrt(2.0 / math.pi)
 _A = 0.044715
 
-_TANH = f"T t = tanh(T({_C!r}) * (u + T({_A!r}) * u * u * u)); "
-_VALUE = "T(0.5) * u * (T(1) + t)"
-_SLOPE = (f"(T(0.5) * (T(1) + t) + T(0.5) * u * (T(1) - t * t) * T({_C!r}) "
-          f"* (T(1) + T({3 * _A!r}) * u * u))")
+_FORWARD = (f"T t = tanh(T({_C!r}) * (u + T({_A!r}) * u * u * u)); "
+            f"y = T(0.5) * u * (T(1) + t); "
+            f"d = T(0.5) * (T(1) + t) + T(0.5) * u * (T(1) - t * t) * T({_C!r}) "
+            f"* (T(1) + T({3 * _A!r}) * u * u);")
 
 
 def gelu_forward(u, bias=None):
-    """Returns (GELU(u + bias), cache); `bias` broadcasts along the last axis (a linear layer's
-    bias, added in the same pass on GPUs). The cache is (u, bias) on GPUs, GELU'(u + bias) on
-    CPUs."""
+    """Returns (GELU(u + bias), cache = GELU'(u + bias)); `bias` broadcasts along the last axis
+    (a linear layer's bias, added in the same pass on GPUs)."""
     if is_device_array(u):
-        b = u.dtype.type(0) if bias is None else bias
-        y = elementwise_kernel("wm_bias_gelu", "T x, T b", "T y",
-                               f"T u = x + b; {_TANH}y = {_VALUE};")(u, b)
-        return y, (u, b)
+        if bias is None:
+            return elementwise_kernel("wm_gelu", "T u", "T y, T d", _FORWARD)(u)
+        return elementwise_kernel("wm_bias_gelu", "T x, T b", "T y, T d",
+                                  "T u = x + b; " + _FORWARD)(u, bias)
     u = np.ascontiguousarray(u) if bias is None else u + bias
     flat = u.reshape(-1)
     y, d = np.empty_like(flat), np.empty_like(flat)
@@ -65,10 +61,6 @@ def _gelu_host(u, y, d):
     t *= u  # GELU(u) = q u, in y
 
 
-def gelu_backward(dy, cache):
-    """dy * GELU'(u): recomputed from the cached (u, bias) on GPUs, cached on CPUs."""
-    if is_device_array(dy):
-        u, b = cache
-        return elementwise_kernel("wm_bias_gelu_backward", "T g, T x, T b", "T dx",
-                                  f"T u = x + b; {_TANH}dx = g * {_SLOPE};")(dy, u, b)
-    return dy * cache
+def gelu_backward(dy, dgelu):
+    """dy * GELU'(u), with GELU'(u) cached by forward."""
+    return dy * dgelu

@@ -7,9 +7,7 @@ Forward makes two reductions over the normalised axis, backward two more (llm.c'
 identity for an unsharded axis and a sum over the `channel` group in `jigsaw.layernorm`.
 `count` is the *global* length of the axis: every division uses it, never the local length.
 `allreduce=None` says the axis is whole on this rank; on GPUs the LN then runs in the fused
-kernels of `autograd.layernorm_fused` (the last axis as rows, a short inner one as columns),
-which keep u itself (and mean, rstd) for the backward instead of xhat: a caller must not
-change u in place before the backward.
+kernels of `autograd.layernorm_fused` (the last axis as rows, a short inner one as columns).
 
     forward:   S1 = sum(u)                  mean = S1 / n
                S2 = sum((u - mean)^2)       var  = S2 / n          (two-pass: no cancellation)
@@ -53,8 +51,8 @@ def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
     axis = axis % u.ndim
     n = u.shape[axis] if count is None else count
     if allreduce is None and _fuses(u, axis, n):
-        out, mean, rstd = fused.forward(u, scale, bias, EPS, axis)
-        return out, (u, mean, rstd, scale, axis, None)  # the fused backward recomputes xhat
+        xhat, out, rstd = fused.forward(u, scale, bias, EPS, axis)
+        return out, (xhat, rstd, scale, axis, n, None)
     allreduce = allreduce or _identity
     mean = allreduce(_sum_along(u, axis)) / n  # reduction S1; [.., 1, ..]
     var = allreduce(_squared_deviation(u, mean, axis)) / n  # reduction S2
@@ -150,9 +148,9 @@ def layernorm_backward(dout, cache, plus=None):
     """Gradients (du, dscale, dbias); with `plus`, du + plus is returned in du's place (a
     fan-out's other gradient, added in the same pass). dscale and dbias are sums over this
     rank's rows only."""
-    if cache[-1] is None:  # the forward ran in the fused kernels: (u, mean, rstd, ...)
-        return fused.backward(dout, *cache[:-1], plus)
     xhat, rstd, scale, axis, n, allreduce = cache
+    if allreduce is None:  # the forward ran in the fused kernels
+        return fused.backward(dout, xhat, rstd, scale, axis, plus)
     dout = c_contiguous(dout)  # one copy of a transposed view, then unit-stride passes
     s = _along(scale, dout.ndim, axis)
     if _rows(dout, axis):

@@ -15,9 +15,7 @@ In both, with n the axis length:
 
     forward:   mean = sum(u) / n,  var = sum((u - mean)^2) / n  (two-pass),
                rstd = 1 / sqrt(var + eps),  xhat = (u - mean) rstd,  out = xhat scale + bias
-               (out, mean and rstd are written; the backward keeps u, its caller's array)
-    backward:  xhat recomputed from u, mean and rstd as it is read,
-               R1 = sum(dy scale),  R2 = sum(dy scale xhat)  along the axis,
+    backward:  R1 = sum(dy scale),  R2 = sum(dy scale xhat)  along the axis,
                du = rstd (dy scale - R1 / n - xhat R2 / n)  (+ plus)
                (rows: rstd dy scale + plus is formed while the sums are reduced),
                dscale, dbias = the sums of dy xhat and dy over every other axis: each block
@@ -26,9 +24,8 @@ In both, with n the axis length:
                matrix-vector products (deterministic: no atomics)
 
 The formulas are `autograd.layernorm`'s with its reductions in another order: the GPU tests
-check both shapes against numpy in float64. Keeping u instead of writing xhat costs no memory
-(xhat would take u's place) and saves one write of the array per forward. The unfused path
-(matrix-vector sums and elementwise kernels) reads and writes each array several times more.
+check both shapes against numpy in float64. The unfused path (matrix-vector sums and
+elementwise kernels) reads and writes each array several times more.
 """
 from __future__ import annotations
 
@@ -46,7 +43,7 @@ SHARED_BYTES = 48 * 1024  # a column block's warp sums: 8 warps x 2 sums x C, at
 
 _SOURCE = BLOCK_SUMS + r"""
 extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_forward(
-        const T* u, const T* scale, const T* bias, T* out, T* mean_out, T* rstd,
+        const T* u, const T* scale, const T* bias, T* xhat, T* out, T* rstd,
         const int C, const T eps) {
     __shared__ T partials[64];
     const long long row = (long long)blockIdx.x * C;
@@ -72,17 +69,18 @@ extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_forward(
 #pragma unroll
     for (int j = 0; j < K; ++j) {
         const int c = threadIdx.x + j * blockDim.x;
-        if (c < C) out[row + c] = (x[j] - mean) * r * scale[c] + bias[c];
+        if (c < C) {
+            const T h = (x[j] - mean) * r;
+            xhat[row + c] = h;
+            out[row + c] = h * scale[c] + bias[c];
+        }
     }
-    if (threadIdx.x == 0) {
-        mean_out[blockIdx.x] = mean;
-        rstd[blockIdx.x] = r;
-    }
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
 }
 
 extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_backward(
-        const T* dy, const T* u, const T* mean, const T* rstd, const T* scale, const T* plus,
-        T* du, T* partial, const int rows, const int C, const int R, const long long pitch) {
+        const T* dy, const T* xhat, const T* rstd, const T* scale, const T* plus, T* du,
+        T* partial, const int rows, const int C, const int R, const long long pitch) {
     __shared__ T partials[64];
     T ds[K], db[K];  // this block's column sums of dy xhat and dy
 #pragma unroll
@@ -93,7 +91,7 @@ extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_backward(
     const int first = blockIdx.x * R, last = min(rows, first + R);
     for (int i = first; i < last; ++i) {
         const long long row = (long long)i * C;
-        const T rs = rstd[i], m = mean[i];
+        const T rs = rstd[i];
         T t[K], h[K];  // t = rs dy scale (+ plus): du less its two row terms, known before them
         T a = T(0), b = T(0);
 #pragma unroll
@@ -101,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_backward(
             const int c = threadIdx.x + j * blockDim.x;
             const bool in = c < C;
             const T d = in ? dy[i * pitch + c] : T(0), g = d * (in ? scale[c] : T(0));
-            h[j] = in ? (u[row + c] - m) * rs : T(0);
+            h[j] = in ? xhat[row + c] : T(0);
             a += g;
             b += g * h[j];
             ds[j] += d * h[j];
@@ -128,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(MAX_THREADS) wm_ln_rows_backward(
 
 // u [lead, C, inner]: a thread per position p = l inner + i, channel c at p's base + c inner.
 extern "C" __global__ void wm_ln_columns_forward(
-        const T* u, const T* scale, const T* bias, T* out, T* mean_out, T* rstd,
+        const T* u, const T* scale, const T* bias, T* xhat, T* out, T* rstd,
         const long long positions, const int C, const long long inner, const T eps) {
     const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= positions) return;
@@ -143,18 +141,18 @@ extern "C" __global__ void wm_ln_columns_forward(
     }
     const T r = T(1) / sqrt(q / T(C) + eps);
     for (int c = 0; c < C; ++c) {
-        out[base + c * inner] = (u[base + c * inner] - mean) * r * scale[c] + bias[c];
+        const T h = (u[base + c * inner] - mean) * r;
+        xhat[base + c * inner] = h;
+        out[base + c * inner] = h * scale[c] + bias[c];
     }
-    mean_out[p] = mean;
     rstd[p] = r;
 }
 
-// Each warp adds its 32 positions' dy xhat and dy of channel c into its own shared slots
-// (xhat = (u - mean) rstd as u is read);
+// Each warp adds its 32 positions' dy xhat and dy of channel c into its own shared slots;
 // the block then writes the sums over its warps as its partial row of dscale and of dbias.
 extern "C" __global__ void wm_ln_columns_backward(
-        const T* dy, const T* u, const T* mean, const T* rstd, const T* scale, const T* plus,
-        T* du, T* partial, const long long positions, const int C, const long long inner) {
+        const T* dy, const T* xhat, const T* rstd, const T* scale, const T* plus, T* du,
+        T* partial, const long long positions, const int C, const long long inner) {
     extern __shared__ unsigned char shared_bytes[];
     T* sums = reinterpret_cast<T*>(shared_bytes);  // [warps, 2, C]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -167,11 +165,10 @@ extern "C" __global__ void wm_ln_columns_backward(
         const long long p = first + threadIdx.x;
         const bool here = p < positions;
         const long long base = here ? p / inner * C * inner + p % inner : 0;
-        const T m = here ? mean[p] : T(0), rs = here ? rstd[p] : T(0);
         T a = T(0), b = T(0);
         for (int c = 0; c < C; ++c) {
             const T d = here ? dy[base + c * inner] : T(0);
-            const T h = here ? (u[base + c * inner] - m) * rs : T(0);
+            const T h = here ? xhat[base + c * inner] : T(0);
             a += d * scale[c];
             b += d * scale[c] * h;
             const T dh = warp_sum(d * h), d1 = warp_sum(d);
@@ -181,10 +178,10 @@ extern "C" __global__ void wm_ln_columns_backward(
             }
         }
         if (here) {
-            const T r1 = a / T(C), r2 = b / T(C);
+            const T r1 = a / T(C), r2 = b / T(C), rs = rstd[p];
             for (int c = 0; c < C; ++c) {
                 const long long at = base + c * inner;
-                T v = rs * (dy[at] * scale[c] - r1 - (u[at] - m) * rs * r2);
+                T v = rs * (dy[at] * scale[c] - r1 - xhat[at] * r2);
                 if (PLUS) v += plus[at];
                 du[at] = v;
             }
@@ -250,36 +247,34 @@ def row_pitch(a):
 
 
 def forward(u, scale, bias, eps: float, axis: int):
-    """(out, mean, rstd) of a LayerNorm over `axis` (rows: the last; columns: an inner one):
-    out shaped like u, mean and rstd like u with `axis` of length 1. scale, bias [C]. The
-    backward takes u itself, which the caller must not change in between."""
+    """(xhat, out, rstd) of a LayerNorm over `axis` (rows: the last; columns: an inner one):
+    xhat and out shaped like u, rstd like u with `axis` of length 1. scale, bias [C]."""
     xp = get_array_module(u)
     axis = axis % u.ndim
     lead, c, inner = around_axis(u.shape, axis)
-    out = xp.empty_like(u)  # like u
-    mean, rstd = (xp.empty(u.shape[:axis] + (1,) + u.shape[axis + 1:], dtype=u.dtype)
-                  for _ in range(2))
+    xhat, out = xp.empty_like(u), xp.empty_like(u)  # like u, each
+    rstd = xp.empty(u.shape[:axis] + (1,) + u.shape[axis + 1:], dtype=u.dtype)
     scale, bias = (xp.ascontiguousarray(a, dtype=u.dtype) for a in (scale, bias))
     if u.size == 0:
-        return out, mean, rstd
+        return xhat, out, rstd
     eps = u.dtype.type(eps)
     if axis == u.ndim - 1:
         _kernel("wm_ln_rows_forward", u.dtype)((lead,), (_threads(c),), (
-            u, scale, bias, out, mean, rstd, np.int32(c), eps))
+            u, scale, bias, xhat, out, rstd, np.int32(c), eps))
     else:
         positions = lead * inner
         _kernel("wm_ln_columns_forward", u.dtype)(
             (-(-positions // COLUMN_THREADS),), (COLUMN_THREADS,),
-            (u, scale, bias, out, mean, rstd, np.int64(positions), np.int32(c),
+            (u, scale, bias, xhat, out, rstd, np.int64(positions), np.int32(c),
              np.int64(inner), eps))
-    return out, mean, rstd
+    return xhat, out, rstd
 
 
-def backward(dout, u, mean, rstd, scale, axis: int, plus=None):
-    """(du, dscale, dbias) of the LayerNorm of `forward` over u; du + plus in du's place where
-    `plus` is given; dscale and dbias are sums over this rank's part only. u is C-contiguous;
-    the rows kernel reads dout in place where its rows are evenly spaced (a slice [.., :C] of
-    a wider array, as the decoder's norm gets from the concatenation's backward), other
+def backward(dout, xhat, rstd, scale, axis: int, plus=None):
+    """(du, dscale, dbias) of the LayerNorm of `forward`; du + plus in du's place where `plus`
+    is given; dscale and dbias are sums over this rank's part only. xhat is C-contiguous; the
+    rows kernel reads dout in place where its rows are evenly spaced (a slice [.., :C] of a
+    wider array, as the decoder's norm gets from the concatenation's backward), other
     layouts are copied first."""
     xp = get_array_module(dout)
     axis = axis % dout.ndim
@@ -303,11 +298,11 @@ def backward(dout, u, mean, rstd, scale, axis: int, plus=None):
     scale = xp.ascontiguousarray(scale, dtype=dout.dtype)
     plus_or_any = du if plus is None else plus
     if dout.size and rows:
-        kernel((blocks,), (threads,), (dout, u, mean, rstd, scale, plus_or_any, du, partial,
+        kernel((blocks,), (threads,), (dout, xhat, rstd, scale, plus_or_any, du, partial,
                                        np.int32(lead), np.int32(c), np.int32(per_block),
                                        np.int64(pitch)))
     elif dout.size:
-        kernel((blocks,), (threads,), (dout, u, mean, rstd, scale, plus_or_any, du, partial,
+        kernel((blocks,), (threads,), (dout, xhat, rstd, scale, plus_or_any, du, partial,
                                        np.int64(lead * inner), np.int32(c), np.int64(inner)),
                shared_mem=shared)
     ones = xp.ones(blocks, dtype=dout.dtype)
