@@ -16,7 +16,7 @@ from weathermixer.autograd.xp import (BLOCK_SUMS, get_array_module, is_device_ar
                                       multiprocessors, raw_kernel, resident_blocks)
 
 
-def _weights(lat_w, var_w, ndim: int):
+def _weights(lat_w, var_w):
     """lat_w [H] and var_w [P] shaped to broadcast over y [B, P, H, W]."""
     return var_w.reshape(1, -1, 1, 1) * lat_w.reshape(1, 1, -1, 1)
 
@@ -24,7 +24,7 @@ def _weights(lat_w, var_w, ndim: int):
 def weighted_sse_forward(y, target, lat_w, var_w, normaliser: float):
     """Returns (partial loss, cache): this rank's share of L."""
     r = y - target  # [B, P, H, W]
-    w = _weights(lat_w, var_w, y.ndim)
+    w = _weights(lat_w, var_w)
     return (w * r * r).sum() / normaliser, (r, w, normaliser)
 
 
