@@ -290,3 +290,13 @@ def test_row_pitch_says_where_rows_are_evenly_spaced():
     assert row_pitch(a[:, :41]) is None
     assert row_pitch(a.swapaxes(-1, -2)) is None
     assert row_pitch(a[..., ::-1]) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_ranges_covers_every_index_once_in_grain_sized_chunks(threads):
+    """`xp.parallel_ranges` hands out [0, n) in chunks of `grain` (the last shorter), on one
+    thread as on several: the host LayerNorm's row chunks rely on it for cache locality."""
+    from weathermixer.autograd.xp import parallel_ranges
+    seen = []
+    parallel_ranges(10, lambda lo, hi: seen.append((lo, hi)), grain=3, threads=threads)
+    assert sorted(seen) == [(0, 3), (3, 6), (6, 9), (9, 10)]

@@ -345,12 +345,13 @@ def parallel_ranges(n: int, work, grain: int = GRAIN, threads: int | None = None
     into preallocated outputs. threads=1 keeps the chunking (cache locality) on one thread."""
     global _HOST_POOL
     threads = min(host_threads() if threads is None else threads, -(-n // grain))
+    bounds = list(range(0, n, grain)) + [n]
     if threads <= 1:
-        work(0, n)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            work(lo, hi)
         return
     if _HOST_POOL is None or _HOST_POOL._max_workers < threads:
         import concurrent.futures
         _HOST_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=threads)
-    bounds = list(range(0, n, grain)) + [n]
     for f in [_HOST_POOL.submit(work, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
         f.result()
