@@ -300,3 +300,23 @@ def test_parallel_ranges_covers_every_index_once_in_grain_sized_chunks(threads):
     seen = []
     parallel_ranges(10, lambda lo, hi: seen.append((lo, hi)), grain=3, threads=threads)
     assert sorted(seen) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+def test_host_layernorm_in_one_visit_per_chunk_equals_the_pass_by_pass_form(dtype, tol):
+    """A host LN over a whole last axis takes each row chunk through every step at once
+    (`_forward_whole_rows`, `_backward_whole_rows`); an allreduce hook (the identity, as one
+    rank of a cut axis) forces the pass-by-pass form, whose sums wait for the hook. Both give
+    out, du, dscale and dbias alike, with and without `plus`, over more rows than one chunk
+    (4000 rows of 37: GRAIN // 37 = 3542 rows a chunk)."""
+    from weathermixer.autograd.layernorm import layernorm_backward, layernorm_forward
+    rng = np.random.default_rng(15)
+    u, dout, plus = (rng.standard_normal((4, 1000, 37)).astype(dtype) * 2 + 1 for _ in range(3))
+    scale, bias = rng.standard_normal(37).astype(dtype), rng.standard_normal(37).astype(dtype)
+    out, cache = layernorm_forward(u, scale, bias, -1)
+    want_out, want_cache = layernorm_forward(u, scale, bias, -1, allreduce=lambda r: r)
+    assert np.abs(out - want_out).max() <= tol * np.abs(want_out).max()
+    for p in (None, plus):
+        got, want = layernorm_backward(dout, cache, p), layernorm_backward(dout, want_cache, p)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and np.abs(g - w).max() <= tol * np.abs(w).max()

@@ -53,6 +53,9 @@ def layernorm_forward(u, scale, bias, axis: int = -1, count: int | None = None,
     if allreduce is None and _fuses(u, axis, n):
         xhat, out, rstd = fused.forward(u, scale, bias, EPS, axis)
         return out, (xhat, rstd, scale, axis, n, None)
+    if allreduce is None and _rows(u, axis):
+        xhat, out, rstd = _forward_whole_rows(u, scale, bias, n)
+        return out, (xhat, rstd, scale, axis, n, _identity)
     allreduce = allreduce or _identity
     mean = allreduce(_sum_along(u, axis)) / n  # reduction S1; [.., 1, ..]
     var = allreduce(_squared_deviation(u, mean, axis)) / n  # reduction S2
@@ -136,12 +139,37 @@ def _normalise(u, mean, rstd, scale, bias):
 
     def work(lo, hi):
         np.subtract(u2[lo:hi], m2[lo:hi], out=xhat[lo:hi])
-        xhat[lo:hi] *= r2[lo:hi]
-        np.multiply(xhat[lo:hi], s, out=out[lo:hi])
-        out[lo:hi] += b
+        _scale_chunk(xhat[lo:hi], r2[lo:hi], s, b, out[lo:hi])
 
     _row_chunks(c, work, u2.shape[0])
     return xhat.reshape(u.shape), out.reshape(u.shape)
+
+
+def _scale_chunk(d, r, scale, bias, out):
+    """One row chunk: d = u - mean becomes xhat = d r in place, out = xhat scale + bias."""
+    d *= r
+    np.multiply(d, scale, out=out)
+    out += bias
+
+
+def _forward_whole_rows(u, scale, bias, n: int):
+    """(xhat, out, rstd) of a host LN over the last axis, whole on this rank: each L2-sized
+    chunk of rows is read once and taken through every step (mean, u - mean, variance, xhat,
+    out), where an axis cut over ranks needs its sums completed between passes over u."""
+    c = u.shape[-1]
+    u2 = u.reshape(-1, c)  # [rows, C]
+    xhat, out = np.empty_like(u2), np.empty_like(u2)  # [rows, C]
+    rstd = np.empty((u2.shape[0], 1), dtype=u.dtype)  # [rows, 1]
+    ones = np.ones(c, dtype=u.dtype)
+
+    def work(lo, hi):
+        d = xhat[lo:hi]
+        np.subtract(u2[lo:hi], (u2[lo:hi] @ ones)[:, None] / n, out=d)  # u - mean
+        rstd[lo:hi, 0] = 1.0 / np.sqrt(np.einsum("rc,rc->r", d, d) / n + EPS)
+        _scale_chunk(d, rstd[lo:hi], scale, bias, out[lo:hi])
+
+    _row_chunks(c, work, u2.shape[0])
+    return xhat.reshape(u.shape), out.reshape(u.shape), rstd.reshape(u.shape[:-1] + (1,))
 
 
 def layernorm_backward(dout, cache, plus=None):
@@ -152,6 +180,8 @@ def layernorm_backward(dout, cache, plus=None):
     if allreduce is None:  # the forward ran in the fused kernels
         return fused.backward(dout, xhat, rstd, scale, axis, plus)
     dout = c_contiguous(dout)  # one copy of a transposed view, then unit-stride passes
+    if allreduce is _identity and _rows(dout, axis):  # whole on this rank, on the host
+        return _backward_whole_rows(dout, xhat, rstd, scale, n, plus)
     s = _along(scale, dout.ndim, axis)
     if _rows(dout, axis):
         r, dscale, dbias = _backward_sums_rows(dout, xhat, scale)
@@ -182,15 +212,46 @@ def _input_gradient(dout, scale, xhat, rstd, r1, r2, n, plus=None):
     du = np.empty_like(d2)  # [rows, C]
 
     def work(lo, hi):
-        np.multiply(x2[lo:hi], a2[lo:hi], out=du[lo:hi])
-        np.subtract(d2[lo:hi] * s, du[lo:hi], out=du[lo:hi])  # g - xhat R2 / n
-        du[lo:hi] -= a1[lo:hi]
-        du[lo:hi] *= rs[lo:hi]
-        if p2 is not None:
-            du[lo:hi] += p2[lo:hi]
+        _input_gradient_chunk(d2[lo:hi] * s, x2[lo:hi], a1[lo:hi], a2[lo:hi], rs[lo:hi],
+                              None if p2 is None else p2[lo:hi], du[lo:hi])
 
     _row_chunks(c, work, d2.shape[0])
     return du.reshape(dout.shape)
+
+
+def _input_gradient_chunk(g, xhat, a1, a2, rstd, plus, du):
+    """One row chunk: du = rstd (g - a1 - xhat a2) (+ plus), with g = dout scale and
+    a1, a2 = R1 / n, R2 / n [rows, 1]."""
+    np.multiply(xhat, a2, out=du)
+    np.subtract(g, du, out=du)  # g - xhat R2 / n
+    du -= a1
+    du *= rstd
+    if plus is not None:
+        du += plus
+
+
+def _backward_whole_rows(dout, xhat, rstd, scale, n: int, plus=None):
+    """(du, dscale, dbias) of a host LN over the last axis, whole on this rank: each L2-sized
+    chunk of rows is taken through the row sums R1, R2, its share of dscale and dbias and du
+    in one visit (an axis cut over ranks needs R1, R2 completed before du)."""
+    c = dout.shape[-1]
+    d2, x2, rs = dout.reshape(-1, c), xhat.reshape(-1, c), rstd.reshape(-1, 1)  # [rows, C]
+    p2 = None if plus is None else np.broadcast_to(plus, dout.shape).reshape(-1, c)
+    du = np.empty_like(d2)  # [rows, C]
+    dscale, dbias = np.zeros(c, dtype=dout.dtype), np.zeros(c, dtype=dout.dtype)
+    ones = np.ones(c, dtype=dout.dtype)
+
+    def work(lo, hi):
+        g = d2[lo:hi] * scale  # one chunk of g = dout scale
+        a1 = (g @ ones)[:, None] / n  # R1 / n
+        a2 = np.einsum("rc,rc->r", g, x2[lo:hi])[:, None] / n  # R2 / n
+        dscale[...] += np.einsum("rc,rc->c", d2[lo:hi], x2[lo:hi])
+        dbias[...] += np.ones(hi - lo, dtype=dout.dtype) @ d2[lo:hi]
+        _input_gradient_chunk(g, x2[lo:hi], a1, a2, rs[lo:hi],
+                              None if p2 is None else p2[lo:hi], du[lo:hi])
+
+    _row_chunks(c, work, d2.shape[0])
+    return du.reshape(dout.shape), dscale, dbias
 
 
 def _backward_sums_gemv(dout, xhat, scale, axis: int):
