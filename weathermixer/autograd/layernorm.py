@@ -19,7 +19,8 @@ kernels of `autograd.layernorm_fused` (the last axis as rows, a short inner one 
 Every sum along the normalised axis is a BLAS matrix-vector product with a ones (or scale)
 vector (`_dot_along`), every sum over the other axes one with a ones vector (`sum_except`), and
 on GPUs each elementwise line is one fused kernel (g is never stored). On the host a last-axis
-LN runs the same formulas on L2-sized row chunks.
+LN runs the same formulas on L2-sized row chunks; where the axis is whole on the rank, each
+chunk goes through every step, forward or backward, in one visit.
 """
 from __future__ import annotations
 
