@@ -240,15 +240,10 @@ def _backward_whole_rows(dout, xhat, rstd, scale, n: int, plus=None):
     p2 = None if plus is None else np.broadcast_to(plus, dout.shape).reshape(-1, c)
     du = np.empty_like(d2)  # [rows, C]
     dscale, dbias = np.zeros(c, dtype=dout.dtype), np.zeros(c, dtype=dout.dtype)
-    ones = np.ones(c, dtype=dout.dtype)
 
     def work(lo, hi):
-        g = d2[lo:hi] * scale  # one chunk of g = dout scale
-        a1 = (g @ ones)[:, None] / n  # R1 / n
-        a2 = np.einsum("rc,rc->r", g, x2[lo:hi])[:, None] / n  # R2 / n
-        dscale[...] += np.einsum("rc,rc->c", d2[lo:hi], x2[lo:hi])
-        dbias[...] += np.ones(hi - lo, dtype=dout.dtype) @ d2[lo:hi]
-        _input_gradient_chunk(g, x2[lo:hi], a1, a2, rs[lo:hi],
+        g, r1, r2 = _backward_sums_chunk(d2[lo:hi], x2[lo:hi], scale, dscale, dbias)
+        _input_gradient_chunk(g, x2[lo:hi], r1[:, None] / n, r2[:, None] / n, rs[lo:hi],
                               None if p2 is None else p2[lo:hi], du[lo:hi])
 
     _row_chunks(c, work, d2.shape[0])
@@ -271,16 +266,21 @@ def _backward_sums_rows(dout, xhat, scale):
     c = dout.shape[-1]
     d2, x2 = dout.reshape(-1, c), xhat.reshape(-1, c)  # [rows, C]
     r = np.empty((2, d2.shape[0]), dtype=dout.dtype)  # [R1 | R2, rows]
-    grain = max(1, GRAIN // c)
-    bounds = list(range(0, d2.shape[0], grain)) + [d2.shape[0]]
-    dscale = np.zeros(c, dtype=dout.dtype)
-    dbias = np.zeros(c, dtype=dout.dtype)
-    ones = np.ones(c, dtype=dout.dtype)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        g = d2[lo:hi] * scale  # one chunk of g
-        r[0, lo:hi] = g @ ones
-        r[1, lo:hi] = np.einsum("rc,rc->r", g, x2[lo:hi])
-        dscale += np.einsum("rc,rc->c", d2[lo:hi], x2[lo:hi])
-        dbias += np.ones(hi - lo, dtype=dout.dtype) @ d2[lo:hi]
+    dscale, dbias = np.zeros(c, dtype=dout.dtype), np.zeros(c, dtype=dout.dtype)
+
+    def work(lo, hi):
+        _, r[0, lo:hi], r[1, lo:hi] = _backward_sums_chunk(d2[lo:hi], x2[lo:hi], scale,
+                                                           dscale, dbias)
+
+    _row_chunks(c, work, d2.shape[0])
     lead = dout.shape[:-1] + (1,)
     return r.reshape((2,) + lead), dscale, dbias
+
+
+def _backward_sums_chunk(d, xhat, scale, dscale, dbias):
+    """One row chunk d [rows, C] of dout: (g = d scale, R1, R2 [rows]), its rows' shares added
+    to dscale and dbias [C] in place."""
+    g = d * scale
+    dscale += np.einsum("rc,rc->c", d, xhat)
+    dbias += np.ones(d.shape[0], dtype=d.dtype) @ d
+    return g, g @ np.ones(d.shape[1], dtype=d.dtype), np.einsum("rc,rc->r", g, xhat)
