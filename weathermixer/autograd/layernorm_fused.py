@@ -32,8 +32,8 @@ from __future__ import annotations
 import numpy as np
 
 from weathermixer.autograd.linear import around_axis, c_contiguous
-from weathermixer.autograd.xp import (BLOCK_SUMS, get_array_module, is_device_array,
-                                      multiprocessors, raw_kernel, resident_blocks)
+from weathermixer.autograd.xp import (BLOCK_SUMS, get_array_module, is_device_array, one_wave,
+                                      raw_kernel)
 
 K = 8  # row elements per thread, in registers
 MAX_THREADS = 1024  # per row block (a register budget of 64 each), so rows of up to 8192
@@ -288,7 +288,7 @@ def backward(dout, xhat, rstd, scale, axis: int, plus=None):
     threads = _threads(c) if rows else COLUMN_THREADS
     shared = 0 if rows else 2 * c * (COLUMN_THREADS // 32) * dout.itemsize
     work = lead if rows else -(-lead * inner // COLUMN_THREADS)  # rows, or blocks of positions
-    blocks = max(1, min(work, multiprocessors() * resident_blocks(kernel, threads)))  # one wave
+    blocks = one_wave(kernel, threads, work)
     per_block = -(-max(work, 1) // blocks)
     blocks = -(-max(work, 1) // per_block)
     du = xp.empty(dout.shape, dtype=dout.dtype)  # like dout, C-contiguous

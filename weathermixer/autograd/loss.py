@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from weathermixer.autograd.xp import (BLOCK_SUMS, get_array_module, is_device_array,
-                                      multiprocessors, raw_kernel, resident_blocks)
+from weathermixer.autograd.xp import (BLOCK_SUMS, get_array_module, is_device_array, one_wave,
+                                      raw_kernel)
 
 
 def _weights(lat_w, var_w):
@@ -70,7 +70,7 @@ def weighted_sse_and_grad(y, target, lat_w, var_w, normaliser: float):
     kernel = raw_kernel("wm_weighted_sse", _SOURCE, y.dtype)
     threads = min(256, 32 * -(-W // 32))
     rows = B * P * H
-    blocks = max(1, min(rows, multiprocessors() * resident_blocks(kernel, threads)))
+    blocks = one_wave(kernel, threads, rows)
     dy = xp.empty_like(y)  # [B, P, H, W]
     partial = xp.zeros(blocks, dtype=y.dtype)  # [blocks]
     if y.size:

@@ -197,6 +197,12 @@ def resident_blocks(kernel, threads: int) -> int:
     return _RESIDENT[key]
 
 
+def one_wave(kernel, threads: int, work: int) -> int:
+    """Blocks of `threads` threads for `work` units of a RawKernel: one each, but no more than
+    the GPU holds at once (`resident_blocks` on every multiprocessor), and at least 1."""
+    return max(1, min(work, multiprocessors() * resident_blocks(kernel, threads)))
+
+
 _TILE, _TILE_ROWS = 32, 8
 _FROM_TRANSPOSED = r"""
 // y [L, R, C] = f^T, f [L, C, R] C-contiguous; with ADD, y = z + f^T + b, z [L, R, C] and
@@ -295,9 +301,9 @@ def sum_of_squares(arrays):
     dtype = np.dtype(arrays[0].dtype)
     kernel = raw_kernel("wm_sum_sq", _SUM_SQ, dtype, _VECTORS[dtype])
     width = _VECTORS[dtype]["WIDTH"]
-    wave = multiprocessors() * resident_blocks(kernel, _SUM_SQ_THREADS)  # blocks the GPU holds
     flats = [_cupy.ascontiguousarray(g, dtype=dtype).reshape(-1) for g in arrays]
-    blocks = [max(1, min(wave, -(-g.size // (width * _SUM_SQ_THREADS)))) for g in flats]
+    blocks = [one_wave(kernel, _SUM_SQ_THREADS, -(-g.size // (width * _SUM_SQ_THREADS)))
+              for g in flats]
     parts = _cupy.zeros(sum(blocks), dtype=dtype)  # [blocks of every array]
     start = 0
     for g, n in zip(flats, blocks):
