@@ -1,7 +1,8 @@
 """Check that benchmarks/torch_reference.py computes the model of SPEC.md exactly as we do.
 
-In float64 on a small config with odd sizes, for rollout 1 and 2 and with latitude and
-variable weights, compare torch's prediction, loss and every parameter gradient against
+In float64 on a small config with odd sizes, for both of the reference's forms of LayerNorm
+and GELU (torch's kernels, SPEC.md's formulas written out), for rollout 1 and 2 and with
+latitude and variable weights, compare torch's prediction, loss and every parameter gradient against
 `weathermixer.predict` and `weathermixer.loss_and_grads`. The LayerNorm scales and biases are
 perturbed away from their (1, 0) initialisation so their gradients are tested non-trivially.
 
@@ -12,6 +13,7 @@ does not.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -55,11 +57,11 @@ def make_case(seed=0):
     return params, x, target, lat_w, var_w
 
 
-def check(rollout: int, weighted: bool, seed=0) -> list[tuple[str, float]]:
+def check(rollout: int, weighted: bool, formulas: str, seed=0) -> list[tuple[str, float]]:
     params, x, target, lat_w, var_w = make_case(seed)
     if not weighted:
         lat_w = var_w = None
-    model = tr.build(CFG, params, device="cpu", dtype=torch.float64)
+    model = tr.build(CFG, params, device="cpu", dtype=torch.float64, formulas=formulas)
     xt, tt = torch.from_numpy(x), torch.from_numpy(target)
     lw = None if lat_w is None else torch.from_numpy(lat_w)
     vw = None if var_w is None else torch.from_numpy(var_w)
@@ -89,20 +91,19 @@ def main() -> int:
     torch.set_default_dtype(torch.float64)
     print(f"config: {CFG}, batch {BATCH}, float64, tolerance {TOL:g} (relative, per array)")
     ok = True
-    for rollout in (1, 2):
-        for weighted in (False, True):
-            res = check(rollout, weighted)
-            worst_name, worst = max(res, key=lambda r: r[1])
-            live = [r for r in res if "token_mixing/fc2/bias" not in r[0]]
-            live_name, live_worst = max(live, key=lambda r: r[1])
-            bad = [(n, e) for n, e in res if not e <= TOL]
-            ok &= not bad
-            print(f"rollout={rollout} weights={'lat+var' if weighted else 'none':7s} "
-                  f"{len(res) - 2} grads + predict + loss: worst rel err {worst:.2e} "
-                  f"({worst_name}); excluding the null fc2 biases {live_worst:.2e} ({live_name}) "
-                  f"{'OK' if not bad else 'FAIL'}")
-            for n, e in bad:
-                print(f"    FAIL {n}: {e:.3e}")
+    for formulas, rollout, weighted in itertools.product(tr.FORMULAS, (1, 2), (False, True)):
+        res = check(rollout, weighted, formulas)
+        worst_name, worst = max(res, key=lambda r: r[1])
+        live = [r for r in res if "token_mixing/fc2/bias" not in r[0]]
+        live_name, live_worst = max(live, key=lambda r: r[1])
+        bad = [(n, e) for n, e in res if not e <= TOL]
+        ok &= not bad
+        print(f"{formulas:7s} rollout={rollout} weights={'lat+var' if weighted else 'none':7s} "
+              f"{len(res) - 2} grads + predict + loss: worst rel err {worst:.2e} "
+              f"({worst_name}); excluding the null fc2 biases {live_worst:.2e} ({live_name}) "
+              f"{'OK' if not bad else 'FAIL'}")
+        for n, e in bad:
+            print(f"    FAIL {n}: {e:.3e}")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

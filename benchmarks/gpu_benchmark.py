@@ -3,7 +3,9 @@
     python benchmarks/gpu_benchmark.py --model c1 --precision tf32 [--json out.json]
 
 `c1` is the paper's 1.06 B skill model (720 x 1440 grid, patch 1 x 60, 69 + 3 variables,
-E = 4320, Mt = 8640, Mc = 4320, 3 blocks, batch 1); `mid` a small one for a quick look. A
+E = 4320, Mt = 8640, Mc = 4320, 3 blocks, batch 1); `mid` a small one for a quick look. The
+reference runs with torch's LayerNorm and GELU kernels ("torch eager", "torch.compile") and with
+SPEC.md's formulas written out term by term (", spec" rows; see torch_reference.py). A
 training step is forward + backward + global-norm clipping + AdamW for every contender, timed
 with CUDA events (median of --steps after --warmup). The large-GEMM rate (8192^3 in the same
 precision) is measured in the same run; TFLOP/s count 3x the forward's 2 m n k.
@@ -33,14 +35,16 @@ MODELS = {
 }
 
 
-def torch_step_time(cfg, params, precision, steps, warmup, compile_model, batch=1, rollout=1):
+def torch_step_time(cfg, params, precision, steps, warmup, compile_model, formulas="builtin",
+                    batch=1, rollout=1):
     import torch
     import torch_reference as tr
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
     torch.cuda.empty_cache()  # the previous contender's cached blocks do not count
     torch.cuda.reset_peak_memory_stats()
-    model = tr.build(cfg, params, device="cuda", dtype=torch.float32, compile=compile_model)
+    model = tr.build(cfg, params, device="cuda", dtype=torch.float32, compile=compile_model,
+                     formulas=formulas)
     del params
     prms = list(tr._module(model).p.values())
     opt = torch.optim.AdamW(prms, lr=1e-5, weight_decay=0.0)
@@ -79,6 +83,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--formulas", default="builtin,spec",
+                    help="the reference's LayerNorm and GELU, comma-separated: builtin (torch's "
+                         "kernels) and/or spec (SPEC.md's formulas written out); default both")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     cp = xpmod.module("cupy")
@@ -92,22 +99,27 @@ def main(argv=None):
                      "forward_ms": ours["forward_ms"], "backward_ms": ours["backward_ms"]}}
     if not a.no_torch:
         params = wm.init_params(cfg, seed=0, dtype="float32")  # host arrays, not zeros
-        contenders = [("torch eager", False)] + ([] if a.no_compile else [("torch.compile", True)])
-        for name, compiled in contenders:
-            s, peak, held = torch_step_time(cfg, params, a.precision, a.steps, a.warmup, compiled)
-            rows[name] = {"ms": 1e3 * s, "peak_gib": peak / 2**30, "reserved_gib": held / 2**30}
+        for formulas in a.formulas.split(","):
+            suffix = "" if formulas == "builtin" else f", {formulas}"
+            contenders = [("torch eager" + suffix, False)]
+            if not a.no_compile:
+                contenders.append(("torch.compile" + suffix, True))
+            for name, compiled in contenders:
+                s, peak, held = torch_step_time(cfg, params, a.precision, a.steps, a.warmup,
+                                                compiled, formulas)
+                rows[name] = {"ms": 1e3 * s, "peak_gib": peak / 2**30, "reserved_gib": held / 2**30}
     gemm = ours["gemm_tflops"]
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
     print(f"{dev}; model {a.model} ({cfg.n_params():,} params); {a.precision}; batch 1; "
           f"large GEMM {gemm:.1f} TFLOP/s; median of {a.steps} steps")
     print("peak GiB: the most memory live arrays held; pool GiB: what the allocator kept")
-    print(f"{'':16} {'ms/step':>9} {'TFLOP/s':>8} {'of GEMM':>8} {'peak GiB':>9} {'pool GiB':>9} "
+    print(f"{'':20} {'ms/step':>9} {'TFLOP/s':>8} {'of GEMM':>8} {'peak GiB':>9} {'pool GiB':>9} "
           f"{'vs ours':>8}")
     for name, r in rows.items():
         r["tflops"] = flops / (r["ms"] / 1e3) / 1e12
         r["gemm_fraction"] = r["tflops"] / gemm
         r["ours_speedup"] = r["ms"] / rows["ours"]["ms"]
-        print(f"{name:16} {r['ms']:>9.1f} {r['tflops']:>8.1f} {r['gemm_fraction']:>8.3f} "
+        print(f"{name:20} {r['ms']:>9.1f} {r['tflops']:>8.1f} {r['gemm_fraction']:>8.3f} "
               f"{r['peak_gib']:>9.2f} {r['reserved_gib']:>9.2f} {r['ours_speedup']:>8.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps({"device": dev, "model": a.model, "config": MODELS[a.model],

@@ -11,8 +11,11 @@ our arrays in and `grads_numpy(model)` gives gradients keyed like `wm.loss_and_g
     D = [LN(Z), Z0] -> R = recovery(D) -> Y0 = unpatchify(R) [B, P, H, W]
     y = head_linear(LN_2P([LN_P(Y0), x[:, :P]])) per pixel
 
-GELU is the tanh form, LayerNorm uses the population variance and eps 1e-5 (torch's
-`F.layer_norm`), over E for the tokens and over the channel axis, per pixel, for the head.
+GELU is the tanh form, LayerNorm uses the population variance and eps 1e-5, over E for the
+tokens and over the channel axis, per pixel, for the head. `formulas="builtin"` (the default)
+computes them with torch's own kernels (`F.layer_norm`, `F.gelu(approximate="tanh")`);
+`formulas="spec"` writes them out as SPEC.md states them, one tensor operation per term, as a
+plain transcription of the spec would (eager PyTorch then keeps each term for the backward).
 
     import torch_reference as tr
     model = tr.build(cfg, params, device="cpu", dtype=torch.float64)
@@ -21,12 +24,15 @@ GELU is the tanh form, LayerNorm uses the population variance and eps 1e-5 (torc
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-5
+FORMULAS = ("builtin", "spec")
 
 
 def param_shapes(cfg) -> dict:
@@ -76,17 +82,29 @@ def unpatchify(X, pl: int, pw: int, H: int, W: int):
 class WeatherMixer(nn.Module):
     """SPEC.md's model; `self.p[name]` holds the parameter called `name` in SPEC.md."""
 
-    def __init__(self, cfg, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg, dtype=torch.float32, device="cpu", formulas: str = "builtin"):
         super().__init__()
+        if formulas not in FORMULAS:
+            raise ValueError(f"formulas={formulas!r}: expected one of {FORMULAS}")
         self.cfg = cfg
+        self.formulas = formulas
         self.p = nn.ParameterDict({
             name: nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
             for name, shape in param_shapes(cfg).items()})
 
     def _ln(self, u, name):
         """LN over the last axis with SPEC's `name/scale`, `name/bias`."""
-        return F.layer_norm(u, (u.shape[-1],), self.p[name + "/scale"], self.p[name + "/bias"],
-                            EPS)
+        scale, bias = self.p[name + "/scale"], self.p[name + "/bias"]
+        if self.formulas == "builtin":
+            return F.layer_norm(u, (u.shape[-1],), scale, bias, EPS)
+        mean = u.mean(-1, keepdim=True)
+        var = ((u - mean) ** 2).mean(-1, keepdim=True)  # population variance
+        return (u - mean) / torch.sqrt(var + EPS) * scale + bias
+
+    def _gelu(self, u):
+        if self.formulas == "builtin":
+            return F.gelu(u, approximate="tanh")
+        return 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
 
     def _linear(self, u, name):
         return F.linear(u, self.p[name + "/weight"], self.p[name + "/bias"])
@@ -94,10 +112,10 @@ class WeatherMixer(nn.Module):
     def _block(self, z, n: int):
         b = f"blocks/{n}/"
         u = self._ln(z, b + "token_norm").transpose(1, 2)  # [B, E, T]
-        h1 = F.gelu(self._linear(u, b + "token_mixing/fc1"), approximate="tanh")  # [B, E, Mt]
+        h1 = self._gelu(self._linear(u, b + "token_mixing/fc1"))  # [B, E, Mt]
         z = z + self._linear(h1, b + "token_mixing/fc2").transpose(1, 2)  # [B, T, E]
         u = self._ln(z, b + "channel_norm")
-        g = F.gelu(self._linear(u, b + "channel_mixing/fc1"), approximate="tanh")  # [B, T, Mc]
+        g = self._gelu(self._linear(u, b + "channel_mixing/fc1"))  # [B, T, Mc]
         return z + self._linear(g, b + "channel_mixing/fc2")
 
     def forward(self, x, rollout: int = 1):
@@ -120,12 +138,13 @@ class WeatherMixer(nn.Module):
 
 
 def build(cfg, params=None, device="cpu", dtype=torch.float32, compile: bool = False,
-          compile_kwargs: dict | None = None):
+          compile_kwargs: dict | None = None, formulas: str = "builtin"):
     """The model of `cfg` with `params` (dict name -> numpy/CuPy array) copied in.
 
     compile=True wraps the module with torch.compile (useful on GPU; slow to compile on CPU).
-    The returned object has `.p` and is called as model(x, rollout)."""
-    model = WeatherMixer(cfg, dtype=dtype, device=device)
+    formulas: "builtin" (torch's LayerNorm and GELU kernels) or "spec" (SPEC.md's formulas
+    written out term by term). The returned object has `.p` and is called as model(x, rollout)."""
+    model = WeatherMixer(cfg, dtype=dtype, device=device, formulas=formulas)
     if params is not None:
         load_params(model, params)
     if compile:
