@@ -19,6 +19,7 @@ if [ "$mode" = kernels ]; then
   run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_profile.py --model c1
   run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_kernels.py --model c1 --top 25
   run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_fused.py
+  run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_overlap.py
   exit 0
 fi
 if [ "$mode" = nccl ]; then
