@@ -24,6 +24,14 @@ not its values, biases 0, LayerNorm 1 and 0: `init_params` draws every global ar
 the host (seconds a block, on every rank), which for 20-odd blocks would cost more device time
 than the measurement itself. Inputs and targets are random.
 
+With `--card-gib G` (GPUs) the pool has no cap; instead each card is made to act as one of G
+GiB (cudaMemGetInfo's total; `card`: the card as it is): the rest is taken at the start in one
+allocation outside the pool. A trial then fails exactly where cudaMalloc would fail on the
+smaller card, counting what the pool does not (CUDA context, cuBLAS, NCCL, and allocations the
+other GPU of a pair has mapped, which stay resident when the pool frees them). Run phase one
+on the real card with `--card-gib card` and phase two with `--from`: the pair then acts as two
+of that card.
+
 On CPUs (`--device cpu --tiny`: a small model, numpy) the same phases run as a smoke test against
 a fake cap: a trial fits when the bytes of its arrays (parameters, gradients, the two moments,
 input and target) are within --memory-gib.
@@ -126,7 +134,8 @@ def train(cfg, layout, xp, steps: int, row: dict, seed: int = 0) -> dict:
     row["pool_bytes"] = peak_device_bytes(xp)
     if xp is not np:  # the CUDA context, cuBLAS and NCCL: the card, not the cap, bounds these
         free_b, total = xp.cuda.runtime.memGetInfo()
-        row["outside_pool_bytes"] = int(total - free_b - row["pool_bytes"])
+        ballast = sum(m.size for m in _BALLAST)
+        row["outside_pool_bytes"] = int(total - free_b - row["pool_bytes"] - ballast)
     row["loss_finite"] = bool(np.isfinite(row["losses"]).all())
     # what the cap is checked against: live arrays on GPUs, the arrays' bytes on CPUs
     row["peak_bytes"] = row["array_bytes"] if xp is np else row["peak_in_use_bytes"]
@@ -146,29 +155,54 @@ def free(xp):
         xp.get_default_memory_pool().free_all_blocks()
 
 
-def device_info(xp, cap_bytes: int) -> dict:
-    """The card's name and memory; sets the pool's cap on the current device (GPUs)."""
+_BALLAST: list = []  # the device memory that makes a larger card act as a smaller one (--card-gib)
+
+
+def device_info(xp, cap_bytes: int, card_bytes: float | None = None) -> dict:
+    """The card's name and memory. With `card_bytes` (GPUs), the card is made to act as one
+    of that total memory: the difference is taken in one allocation outside CuPy's pool and
+    held to the end, the pool has no cap, and an allocation past the card fails in
+    cudaMalloc as it would on the smaller card, whatever else holds device memory (CUDA
+    context, cuBLAS, NCCL, mappings by the other GPU). Else the pool is capped at `cap_bytes`."""
     if xp is np:
         return {"device": f"CPU {platform.processor() or platform.machine()}",
                 "card_gib": None, "free_gib": None, "cap_gib": cap_bytes / GIB}
-    xp.get_default_memory_pool().set_limit(size=cap_bytes)
     dev = xp.cuda.Device().id
     free_b, total = xp.cuda.runtime.memGetInfo()
-    return {"device": xp.cuda.runtime.getDeviceProperties(dev)["name"].decode(),
-            "card_gib": total / GIB, "free_gib": free_b / GIB, "cap_gib": cap_bytes / GIB}
+    info = {"device": xp.cuda.runtime.getDeviceProperties(dev)["name"].decode(),
+            "card_gib": total / GIB, "free_gib": free_b / GIB}
+    if card_bytes is None:
+        xp.get_default_memory_pool().set_limit(size=cap_bytes)
+        return dict(info, cap_gib=cap_bytes / GIB)
+    if card_bytes < total:
+        _BALLAST.append(xp.cuda.Memory(int(total - card_bytes)))  # not from the pool
+    return dict(info, cap_gib=None, acts_as_gib=min(card_bytes, total) / GIB)
 
 
 def describe(info: dict) -> str:
     if info["card_gib"] is None:
         return f"{info['device']}, fake cap {size(info['cap_gib'] * GIB)} on array bytes"
-    return (f"{info['device']} ({info['card_gib']:.1f} GiB on the card, {info['free_gib']:.1f} "
-            f"free at start), cap {size(info['cap_gib'] * GIB)} (CuPy pool limit)")
+    card = (f"{info['device']} ({info['card_gib']:.2f} GiB on the card, {info['free_gib']:.2f} "
+            f"free at start)")
+    if info["cap_gib"] is None:
+        return card + f", acting as a card of {info['acts_as_gib']:.2f} GiB (no pool cap)"
+    return card + f", cap {size(info['cap_gib'] * GIB)} (CuPy pool limit)"
+
+
+def limits(a, xp) -> tuple[dict, int]:
+    """(device_info, the bound a trial's peak is checked against: the pool's cap, or the
+    memory of the card acted as, where only cudaMalloc's failure can stop a trial)."""
+    cap = int(a.memory_gib * GIB)
+    if a.card_gib is None or xp is np:
+        return device_info(xp, cap), cap
+    card = float("inf") if a.card_gib == "card" else float(a.card_gib) * GIB
+    info = device_info(xp, cap, card)
+    return info, int(info["acts_as_gib"] * GIB)
 
 
 def phase_one(a, family: str) -> dict:
     grid, xp = setup_parallel(1, 1, 1, a.device, a.precision)
-    cap = int(a.memory_gib * GIB)
-    info = device_info(xp, cap)
+    info, cap = limits(a, xp)
     trials = {}
 
     def trial(n: int) -> dict:
@@ -234,8 +268,7 @@ def phase_two(a, family: str, one: dict | None) -> dict | None:
         raise SystemExit("phase two needs --blocks or --from a phase-one JSON with N_max >= 1")
     cfg = Config(**FAMILIES[family], n_blocks=blocks)
     grid, xp = setup_parallel(n_ranks, 1, n_ranks, a.device, a.precision)
-    cap = int(a.memory_gib * GIB)
-    info = device_info(xp, cap)
+    info, cap = limits(a, xp)
     layout = Layout(cfg, grid)
     if grid.is_root:
         print(f"capacity two: {n_ranks} ranks, grid {n_ranks}x1 (tokens split), "
@@ -290,6 +323,10 @@ def main(argv=None):
     ap.add_argument("phase", choices=["one", "two"])
     ap.add_argument("--memory-gib", type=float, default=None,
                     help="cap per GPU (default 79.0, or phase one's cap with --from)")
+    ap.add_argument("--card-gib", default=None,
+                    help="GPUs: instead of capping the pool, make each card act as one of this "
+                         "total memory in GiB (cudaMemGetInfo's total), or 'card' for the card as "
+                         "it is; phase two takes phase one's card with --from")
     ap.add_argument("--from", dest="from_json", default=None, help="phase two: phase one's JSON")
     ap.add_argument("--blocks", type=int, default=None, help="phase two: N (default R x N_max)")
     ap.add_argument("--steps", type=int, default=None, help="steps a trial takes (one: 2, two: 3)")
@@ -302,8 +339,10 @@ def main(argv=None):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (KINDS.md)
     one = json.loads(Path(a.from_json).read_text()) if a.from_json else None
     family = one["family"] if one else ("tiny" if a.tiny else "c1")
+    if a.card_gib is None and one and one.get("acts_as_gib"):
+        a.card_gib = one["acts_as_gib"]
     if a.memory_gib is None:
-        a.memory_gib = one["cap_gib"] if one else 79.0
+        a.memory_gib = one["cap_gib"] if one and one.get("cap_gib") is not None else 79.0
     out = phase_one(a, family) if a.phase == "one" else phase_two(a, family, one)
     if out is not None and a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
