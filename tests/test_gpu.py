@@ -320,6 +320,24 @@ def test_steps_after_warmup_keep_no_buffers_and_reuse_the_pool(n, grid):
         assert sum(1 for a in r["allocations_per_step"] if a) <= 4, r
 
 
+@pytest.mark.skipif(not cupy_available() or module("cupy").cuda.runtime.getDeviceCount() < 2,
+                    reason="needs 2 GPUs")
+def test_memory_the_other_gpu_mapped_comes_back_when_the_pool_needs_it():
+    """A GiB of ours that the other GPU of a pair mapped stays taken after our pool frees it
+    (the driver keeps it for the mapping), and an allocation that needs it succeeds: before
+    cudaMalloc the memory hook has the other close the mapping (tests/gpu_peer_memory.py)."""
+    from tests.test_mpi import run_under_mpi
+    proc = run_under_mpi(2, ["tests/gpu_peer_memory.py"], limit=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2, rows
+    for r in rows:
+        assert "copy engines" in r["engine"], r
+        assert r["after_free"] - r["start"] > 0.9, r  # kept taken by the other's mapping
+        assert r["allocated"], r
+        assert r["end"] - r["start"] < 0.25, r  # and given back
+
+
 def test_steady_step_seconds_gives_each_queued_step_its_device_time():
     """`bench.steady_step_seconds` on CuPy: one interval per timed step, and for a step of
     device work alone (eight GEMMs) each lasts as long as the same step timed on its own."""

@@ -262,6 +262,24 @@ class FakeIpcRuntime:
     def memcpy(self, dst, src, nbytes, kind):
         self.memcpyAsync(dst, src, nbytes, kind, 0)
 
+    def ipcCloseMemHandle(self, ptr):  # called by the unmapper thread
+        self.log.append(("close", ptr))
+
+    def getDevice(self):
+        return 0
+
+    def setDevice(self, device):
+        pass
+
+
+class FakeMemoryHook:
+    """`cupy.cuda.MemoryHook`: entering one records it in `installed`."""
+    installed: list = []
+
+    def __enter__(self):
+        FakeMemoryHook.installed.append(self)
+        return self
+
 
 class _Event:
     count = 0
@@ -276,7 +294,7 @@ def pair(group, monkeypatch):
     """`group` whose pair paths run on `FakeIpcRuntime` (set up by its first collective)."""
     cupy = sys.modules["cupy"]
     runtime = FakeIpcRuntime(WORLD)
-    cupy.cuda.runtime, cupy.cuda.Event = runtime, _Event
+    cupy.cuda.runtime, cupy.cuda.Event, cupy.cuda.MemoryHook = runtime, _Event, FakeMemoryHook
     cupy.cuda.Device = lambda: types.SimpleNamespace(synchronize=lambda: None)
     cupy.full = lambda n, v, dtype: _dev(np.full(n, v, dtype))
     cupy.float32 = np.float32
@@ -341,3 +359,43 @@ def test_kept_regions_wait_for_the_next_region_that_is_not_kept(pair):
                and len(left) <= peer.LAG + 1,
                f"waits during the kept gathers {kept_waits}, unsettled then {unsettled}, "
                f"after the next exchange {left}")
+
+
+def test_the_other_closes_its_mappings_of_memory_we_freed(pair):
+    """A mapping by the other member keeps our memory taken after our pool frees it. Before
+    every cudaMalloc (the memory hook that set-up installs) `reclaim` finds the allocations we
+    exposed that are no longer allocated, and the other's unmapper thread closes its mappings
+    of them, and only of them, before `reclaim` returns."""
+    group, runtime = pair
+    if N != 2:
+        assert_all(group._peer_copies() is None)
+        return
+    group.allgather(_dev(inputs(RANK)["block"]), 1, SIZES)  # sets up; one exchange
+    engine = group._peer_copies()
+    seen = set(engine.exported)
+    group.allgather(_dev(inputs(RANK)["block"] + 1), 1, SIZES)  # a region to free
+    freed = set(engine.exported) - seen
+    group.allgather(_dev(inputs(RANK)["block"] + 2), 1, SIZES)  # one to keep
+    kept = set(engine.exported) - seen - freed
+    group.wait()
+
+    def allocation_of(ptr):
+        if ptr in freed:
+            raise RuntimeError("cuMemGetAddressRange failed (1)")
+        return ptr
+
+    engine.driver = types.SimpleNamespace(allocation_of=allocation_of)
+    hook = [h for h in FakeMemoryHook.installed if h.name.endswith(str(id(engine)))]
+    # handles here: the fake's handle is the owner's address; theirs, as the other sees them
+    mine = [engine.exported[b] for b in sorted(freed)] + [engine.exported[b] for b in kept]
+    theirs = WORLD.sendrecv(mine, dest=1 - RANK, source=1 - RANK)
+    hook[0].alloc_preprocess(device_id=0, mem_size=512)  # our freed one goes
+    WORLD.Barrier()  # the other's request has been answered too
+    closed = [ptr for kind, ptr in runtime.log if kind == "close"]
+    their_freed, their_kept = theirs[:len(freed)], theirs[len(freed):]
+    assert_all(len(freed) == 1 and len(hook) == 1
+               and [int.from_bytes(h, "little") | PEER for h in their_freed] == closed
+               and not any(h in engine.mapped for h in their_freed)
+               and all(h in engine.mapped for h in their_kept)
+               and not freed & set(engine.exported) and kept <= set(engine.exported),
+               f"freed {freed}, kept {kept}, closed {closed}, mapped {list(engine.mapped)}")

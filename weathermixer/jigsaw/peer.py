@@ -35,12 +35,28 @@ exchanges stay unsettled), and the swap keeps the two members in lockstep.
 An allocation is mapped once (opening a handle took 3 to 4 ms) and kept mapped, looked up by
 its handle. A handle names one allocation, so a block that the pool freed and allocated again
 gets a new handle and a new mapping.
+
+A mapping keeps the other's memory taken: when the owner's pool frees an allocation the other
+has mapped, its memory stays resident until the other closes the mapping. Measured on an H200
+pair (docs/benchmarks.md): with the pool's free blocks released, 2.3 to 4.4 GiB a GPU stayed
+taken outside the pool, and a model that trained with NCCL alone ran out of memory in its
+second step. So each member runs an unmapper: a thread that closes, on the other's request,
+the mappings of allocations the other has freed, and answers when they are closed (a Unix
+socket between the two processes of one host). Each member remembers the allocations it has
+exposed (`exported`); before every cudaMalloc of its pool (a CuPy memory hook, `reclaim`) it
+finds those freed since (no longer allocated, or a new allocation at the same address) and
+asks the other to close them. CuPy's pool, when cudaMalloc fails, frees its free blocks and
+tries again: the second try finds the memory back. Closing is safe then: the owner releases a
+region to its pool only after its stream has waited for the other's copy of it (step 1), and
+cudaFree waits for that stream.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
 import os
+import socket
+import threading
 
 import numpy as np
 
@@ -49,6 +65,8 @@ LAG = 2  # exchanges always left unsettled
 PEER_COPIES_ENV = "WEATHERMIXER_PEER_COPIES"
 _DESCRIPTOR, _ACK = 7301, 7302  # MPI tags of the two messages
 _HANDLE_BYTES = 64
+_ADDRESS_BYTES = 108  # a Unix socket's address, at most
+_CONNECT_SECONDS, _ANSWER_SECONDS = 60, 120  # waits for the other's unmapper
 
 
 def wanted() -> bool:
@@ -79,7 +97,10 @@ class PeerCopies:
     def __init__(self, comm, agree):
         self.comm, self.other = comm, 1 - comm.Get_rank()
         self.agree = agree  # the group's collective decision (MIN of a flag)
-        self.mapped = {}  # the other's allocations: IPC handle -> pointer here
+        self.mapped = {}  # the other's allocations: IPC handle -> pointer here (under lock)
+        self.lock = threading.Lock()  # `mapped` is shared with the unmapper thread
+        self.exported = {}  # our allocations the other was sent: base pointer -> IPC handle
+        self.requests = None  # socket to the other's unmapper
         self.count = 0  # exchanges begun
         self.exposed = collections.deque()  # (exchange, region, kept), oldest first
 
@@ -116,7 +137,100 @@ class PeerCopies:
             self.their_ready, self.their_copied = events[:SLOTS], events[SLOTS:]
         except Exception:
             ok = False
-        return self.agree(ok) and self._test_transfer()
+        return (self.agree(ok) and self._connect_unmappers() and self._test_transfer()
+                and self._install_reclaim())
+
+    # -- closing the other's mappings of freed memory -----------------------------------
+    def _connect_unmappers(self) -> bool:
+        """Each member listens on a Unix socket of this host (abstract name), the two swap
+        addresses over MPI and connect: `requests` goes to the other's unmapper, and a thread
+        here serves the other's requests (`_serve`). Collective; False on both where either
+        fails."""
+        listener, address, ok = None, b"", True
+        try:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(f"\0weathermixer-peer-{os.getpid()}-{id(self)}".encode())
+            listener.listen(1)
+            listener.settimeout(_CONNECT_SECONDS)  # the other may fail before it connects
+            address = listener.getsockname()
+        except OSError:
+            ok = False
+        payload = len(address).to_bytes(8, "little") + address.ljust(_ADDRESS_BYTES, b"\0")
+        theirs = bytes(self._swap(np.frombuffer(payload, dtype=np.uint8)))
+        their_address = theirs[8:8 + int.from_bytes(theirs[:8], "little")]
+        if self.agree(ok and bool(their_address)):
+            try:
+                self.requests = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.requests.settimeout(_ANSWER_SECONDS)  # an error, not a hang
+                self.requests.connect(their_address)  # queued by listen(): no accept needed yet
+                served, _ = listener.accept()
+                threading.Thread(target=self._serve, args=(served, self.rt.getDevice()),
+                                 name="weathermixer-unmapper", daemon=True).start()
+            except OSError:
+                ok = False
+        else:
+            ok = False
+        if listener is not None:
+            listener.close()
+        return self.agree(ok)
+
+    def _serve(self, conn, device: int):
+        """The unmapper thread: for each request (a count, then that many handles) close
+        the mappings named, then answer how many were open here."""
+        self.rt.setDevice(device)
+        with conn:
+            while True:
+                head = _receive(conn, 8)
+                if head is None:  # the other has closed its end
+                    return
+                handles = _receive(conn, int.from_bytes(head, "little") * _HANDLE_BYTES) or b""
+                closed = 0
+                for k in range(0, len(handles), _HANDLE_BYTES):
+                    with self.lock:
+                        ptr = self.mapped.pop(handles[k:k + _HANDLE_BYTES], None)
+                    if ptr is not None:
+                        self.rt.ipcCloseMemHandle(ptr)
+                        closed += 1
+                conn.sendall(closed.to_bytes(8, "little"))
+
+    def reclaim(self) -> int:
+        """Ask the other to close its mappings of the allocations of ours that were freed
+        since we exposed them, and wait until it has: their memory is free again. Returns how
+        many mappings it closed."""
+        freed = [base for base, handle in self.exported.items()
+                 if not self._still_allocated(base, handle)]
+        if not freed:
+            return 0
+        handles = b"".join(self.exported.pop(base) for base in freed)
+        self.requests.sendall(len(freed).to_bytes(8, "little") + handles)
+        answer = _receive(self.requests, 8)
+        if answer is None:
+            raise RuntimeError("peer copies: the other member's unmapper has gone")
+        return int.from_bytes(answer, "little")
+
+    def _still_allocated(self, base: int, handle: bytes) -> bool:
+        """Whether the allocation exposed at `base` under `handle` is still the one there."""
+        try:
+            return (self.driver.allocation_of(base) == base
+                    and bytes(self.rt.ipcGetMemHandle(base)) == handle)
+        except Exception:  # not allocated any more
+            return False
+
+    def _install_reclaim(self) -> bool:
+        """`reclaim` before every cudaMalloc of CuPy's pool in this thread (a memory hook;
+        the pool retries a failed cudaMalloc after freeing its free blocks). Collective."""
+        engine, ok = self, True
+        try:
+            class Reclaim(self.cupy.cuda.MemoryHook):
+                name = f"weathermixer-peer-reclaim-{id(self)}"
+
+                def alloc_preprocess(self, **kwargs):
+                    engine.reclaim()
+
+            Reclaim().__enter__()  # stays for the life of the process
+        except Exception:
+            ok = False
+        return self.agree(ok)
 
     def _test_transfer(self) -> bool:
         """Pull a small array of the other's: True where its values arrived, on both."""
@@ -125,7 +239,9 @@ class PeerCopies:
         handle, offset = bytes(_HANDLE_BYTES), 0
         try:
             handle = bytes(self.rt.ipcGetMemHandle(mine.data.ptr))
-            offset = mine.data.ptr - self.driver.allocation_of(mine.data.ptr)
+            base = self.driver.allocation_of(mine.data.ptr)
+            offset = mine.data.ptr - base
+            self.exported[base] = handle
         except Exception:
             ok = False
         theirs = self._swap(np.frombuffer(handle + np.int64(offset).tobytes(), dtype=np.uint8))
@@ -160,7 +276,9 @@ class PeerCopies:
         if region.nbytes:
             ptr = region.data.ptr
             handle = bytes(self.rt.ipcGetMemHandle(ptr))
-            offset = ptr - self.driver.allocation_of(ptr)
+            base = self.driver.allocation_of(ptr)
+            offset = ptr - base
+            self.exported[base] = handle
         descriptor = np.frombuffer(handle + np.array([offset, region.nbytes, self.count],
                                                      dtype=np.int64).tobytes(), dtype=np.uint8)
         theirs = self._swap(descriptor)
@@ -176,9 +294,10 @@ class PeerCopies:
 
     def _map(self, handle: bytes) -> int:
         """The address here of the other's allocation named by `handle` (opened once)."""
-        if handle not in self.mapped:
-            self.mapped[handle] = self.rt.ipcOpenMemHandle(handle)
-        return self.mapped[handle]
+        with self.lock:
+            if handle not in self.mapped:
+                self.mapped[handle] = self.rt.ipcOpenMemHandle(handle)
+            return self.mapped[handle]
 
     def _settle(self, kept: bool):
         """Step 1 before an exchange of a region that is `kept` or not: settle the oldest
@@ -224,3 +343,14 @@ class _Pull:
         rt.eventRecord(e.copied[self.slot].ptr, stream_ptr)
         e.comm.Send(np.array([self.count], dtype=np.int64), dest=e.other, tag=_ACK)
 
+
+def _receive(conn, nbytes: int):
+    """Exactly `nbytes` from the socket, or None where it closed first."""
+    chunks, left = [], nbytes
+    while left:
+        chunk = conn.recv(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
