@@ -6,31 +6,29 @@
 
 The model family is the paper's C1 (720 x 1440 grid, patch 1 x 60, 69 + 3 variables, E = 4320,
 Mt = 8640, Mc = 4320; batch 1, float32, TF32 GEMMs) with N mixer blocks as the size knob, about
-336 M parameters a block. Every GPU runs under a cap on CuPy's memory pool (`set_limit`,
---memory-gib, default 79.0 GiB: about what an H100 80GB leaves an application), so the figure means
-"one H100" on an H200 too. Past the cap an allocation raises OutOfMemoryError once the pool has
-given back its cached blocks, so fragmentation counts, as it would on the card.
+336 M parameters a block. On GPUs every card acts as an H100 80GB by default (--card-gib,
+default 79.18 GiB, an H100's cudaMemGetInfo total; `card`: the card as it is): the memory
+beyond that is taken at the start in one allocation outside CuPy's pool and held to the end,
+so a trial fails exactly where cudaMalloc would fail on the smaller card, counting what the
+pool does not (CUDA context, cuBLAS, NCCL, and memory of ours that the other GPU of a pair has
+mapped). Fragmentation counts, as it would on the card: the pool gives back its free blocks
+and tries again before it raises OutOfMemoryError. Phase two takes phase one's card with
+--from. `--memory-gib` caps the pool instead (the method before the seventh session; on a
+pair it missed the memory the other GPU kept mapped, docs/benchmarks.md).
 
 Phase one (one rank, 1x1): the largest N whose training step (forward, backward, global-norm
-clipping, AdamW with its moments) runs twice under the cap. Trials of N = 1 and 2 give the bytes a
+clipping, AdamW with its moments) runs twice on the card. Trials of N = 1 and 2 give the bytes a
 block adds to the peak of live arrays (a CuPy memory hook); the N predicted from them is tried and
 the search walks one block at a time until N fits and N + 1 runs out of memory.
-Phase two (mpiexec -n R, grid Rx1: tokens split over R GPUs, NCCL): the model of R x N_max
-blocks (or --blocks) trains for --steps steps under the same cap on every GPU; the loss must stay
-finite. It reports ms per step (median after the first) and the peak memory of every GPU.
+Phase two (mpiexec -n R, grid Rx1: tokens split over R GPUs; NCCL, and the copy engines
+between the two GPUs of a pair): the model of R x N_max blocks (or --blocks) trains for --steps
+steps, every GPU acting as the same card; the loss must stay finite. It reports ms per step
+(median after the first) and the peak memory of every GPU.
 
 Weights are drawn where they live, U(-1/sqrt(fan_in), +1/sqrt(fan_in)) as in `init_params` but
 not its values, biases 0, LayerNorm 1 and 0: `init_params` draws every global array in float64 on
 the host (seconds a block, on every rank), which for 20-odd blocks would cost more device time
 than the measurement itself. Inputs and targets are random.
-
-With `--card-gib G` (GPUs) the pool has no cap; instead each card is made to act as one of G
-GiB (cudaMemGetInfo's total; `card`: the card as it is): the rest is taken at the start in one
-allocation outside the pool. A trial then fails exactly where cudaMalloc would fail on the
-smaller card, counting what the pool does not (CUDA context, cuBLAS, NCCL, and allocations the
-other GPU of a pair has mapped, which stay resident when the pool frees them). Run phase one
-on the real card with `--card-gib card` and phase two with `--from`: the pair then acts as two
-of that card.
 
 On CPUs (`--device cpu --tiny`: a small model, numpy) the same phases run as a smoke test against
 a fake cap: a trial fits when the bytes of its arrays (parameters, gradients, the two moments,
@@ -65,6 +63,7 @@ FAMILIES = {
                  embed_dim=64, token_hidden_dim=48, channel_hidden_dim=96),
 }
 GIB = 2 ** 30
+H100_GIB = 79.18  # an H100 80GB HBM3's cudaMemGetInfo total (79.1787 GiB, seventh session)
 
 
 def size(b: float) -> str:
@@ -321,12 +320,13 @@ def phase_two(a, family: str, one: dict | None) -> dict | None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("phase", choices=["one", "two"])
-    ap.add_argument("--memory-gib", type=float, default=None,
-                    help="cap per GPU (default 79.0, or phase one's cap with --from)")
     ap.add_argument("--card-gib", default=None,
-                    help="GPUs: instead of capping the pool, make each card act as one of this "
-                         "total memory in GiB (cudaMemGetInfo's total), or 'card' for the card as "
-                         "it is; phase two takes phase one's card with --from")
+                    help="GPUs: each card acts as one of this total memory in GiB (default "
+                         "79.18, an H100 80GB), or 'card' for the card as it is; phase two "
+                         "takes phase one's with --from")
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="cap the pool per GPU at this instead (CPUs: the fake cap; default "
+                         "79.0, or phase one's cap with --from)")
     ap.add_argument("--from", dest="from_json", default=None, help="phase two: phase one's JSON")
     ap.add_argument("--blocks", type=int, default=None, help="phase two: N (default R x N_max)")
     ap.add_argument("--steps", type=int, default=None, help="steps a trial takes (one: 2, two: 3)")
@@ -341,6 +341,8 @@ def main(argv=None):
     family = one["family"] if one else ("tiny" if a.tiny else "c1")
     if a.card_gib is None and one and one.get("acts_as_gib"):
         a.card_gib = one["acts_as_gib"]
+    if a.card_gib is None and a.memory_gib is None and one is None:
+        a.card_gib = H100_GIB
     if a.memory_gib is None:
         a.memory_gib = one["cap_gib"] if one and one.get("cap_gib") is not None else 79.0
     out = phase_one(a, family) if a.phase == "one" else phase_two(a, family, one)

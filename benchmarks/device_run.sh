@@ -35,7 +35,9 @@ if [ "$mode" = nccl ]; then
   exit 0
 fi
 if [ "$mode" = capacity ]; then
-  run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/capacity.py one --json "$OUT/cap1.json" &&
+  # every card acts as an H100 80GB (cudaMemGetInfo total 79.18 GiB); CARD_GIB=card: as it is
+  run env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/capacity.py one --card-gib "${CARD_GIB:-79.18}" \
+      --json "$OUT/cap1.json" &&
   run $MPI -n 2 python3 benchmarks/capacity.py two --from "$OUT/cap1.json" --json "$OUT/cap2.json"
   exit 0
 fi

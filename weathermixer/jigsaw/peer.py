@@ -37,10 +37,11 @@ its handle. A handle names one allocation, so a block that the pool freed and al
 gets a new handle and a new mapping.
 
 A mapping keeps the other's memory taken: when the owner's pool frees an allocation the other
-has mapped, its memory stays resident until the other closes the mapping. Measured on an H200
-pair (docs/benchmarks.md): with the pool's free blocks released, 2.3 to 4.4 GiB a GPU stayed
-taken outside the pool, and a model that trained with NCCL alone ran out of memory in its
-second step. So each member runs an unmapper: a thread that closes, on the other's request,
+has mapped, its memory stays taken until the other closes the mapping. Measured on an H200
+pair (docs/benchmarks.md, seventh session): each time the pool's free blocks were freed, 2.0 to
+4.5 GiB more a GPU stayed taken outside the pool (none with NCCL alone), and the 8.1 B model
+that trains on two cards acting as H100s with NCCL alone ran out of memory in its second
+step. So each member runs an unmapper: a thread that closes, on the other's request,
 the mappings of allocations the other has freed, and answers when they are closed (a Unix
 socket between the two processes of one host). Each member remembers the allocations it has
 exposed (`exported`); before every cudaMalloc of its pool (a CuPy memory hook, `reclaim`) it
