@@ -239,10 +239,7 @@ class PeerCopies:
         mine = cp.full(1000, self.comm.Get_rank() + 1, dtype=cp.float32)  # [1000]
         handle, offset = bytes(_HANDLE_BYTES), 0
         try:
-            handle = bytes(self.rt.ipcGetMemHandle(mine.data.ptr))
-            base = self.driver.allocation_of(mine.data.ptr)
-            offset = mine.data.ptr - base
-            self.exported[base] = handle
+            handle, offset = self._export(mine.data.ptr)
         except Exception:
             ok = False
         theirs = self._swap(np.frombuffer(handle + np.int64(offset).tobytes(), dtype=np.uint8))
@@ -275,11 +272,7 @@ class PeerCopies:
         self.rt.eventRecord(self.ready[slot].ptr, stream.ptr)
         handle, offset = bytes(_HANDLE_BYTES), 0
         if region.nbytes:
-            ptr = region.data.ptr
-            handle = bytes(self.rt.ipcGetMemHandle(ptr))
-            base = self.driver.allocation_of(ptr)
-            offset = ptr - base
-            self.exported[base] = handle
+            handle, offset = self._export(region.data.ptr)
         descriptor = np.frombuffer(handle + np.array([offset, region.nbytes, self.count],
                                                      dtype=np.int64).tobytes(), dtype=np.uint8)
         theirs = self._swap(descriptor)
@@ -292,6 +285,13 @@ class PeerCopies:
         if their_bytes:
             source = self._map(bytes(theirs[:_HANDLE_BYTES])) + int(their_offset)
         return _Pull(self, self.count, slot, source, int(their_bytes))
+
+    def _export(self, ptr: int) -> tuple[bytes, int]:
+        """(IPC handle of the allocation holding `ptr`, `ptr`'s offset in it), for the other
+        to map; the allocation is remembered in `exported` (see `reclaim`)."""
+        handle, base = bytes(self.rt.ipcGetMemHandle(ptr)), self.driver.allocation_of(ptr)
+        self.exported[base] = handle
+        return handle, ptr - base
 
     def _map(self, handle: bytes) -> int:
         """The address here of the other's allocation named by `handle` (opened once)."""
