@@ -33,19 +33,14 @@ from weathermixer.autograd.shape import residual_forward
 from weathermixer.autograd.xp import elementwise_kernel, sum_of_squares
 from weathermixer.config import param_shapes
 from weathermixer.mixer import optim
+from weathermixer.mixer.bench import seconds
 
 
 def timeit(f, n=10):
+    """Median ms of n calls of f after one warm-up (`bench.seconds`: CUDA events)."""
     f()
     cp.cuda.Device().synchronize()
-    start, end, times = cp.cuda.Event(), cp.cuda.Event(), []
-    for _ in range(n):
-        start.record()
-        f()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
-    return float(np.median(times))
+    return float(np.median([1e3 * seconds(cp, f) for _ in range(n)]))
 
 
 def layernorms(rng):

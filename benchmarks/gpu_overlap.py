@@ -14,6 +14,7 @@ import cupy as cp
 import numpy as np
 
 from weathermixer.autograd import xp as xpmod
+from weathermixer.mixer.bench import seconds
 from weathermixer.mixer.optim import adamw_update
 
 E, T, Mt = 4320, 17280, 8640
@@ -21,15 +22,8 @@ PRIORITIES = [("default", None), ("low (0)", 0), ("high (-5)", -5)]  # CUDA: low
 
 
 def timed(fn, reps: int = 5, warmup: int = 2) -> float:
-    """Median ms of `fn` between two events on the current stream."""
-    times = []
-    for _ in range(warmup + reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
+    """Median ms of `fn` between two events on the current stream (`bench.seconds`)."""
+    times = [1e3 * seconds(cp, fn) for _ in range(warmup + reps)]
     return float(np.median(times[warmup:]))
 
 
